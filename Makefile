@@ -1,0 +1,47 @@
+# lrtool's jobs. Each target creates the virtual environment it needs (.venv, torch pinned to the CPU wheel).
+#   make demo    the main job (see README)
+#   make test    the test suite, serially, torch capped to one thread a process
+#   make docs    regenerate man/ and completions/ from the CLI
+#   make lint    ruff
+#   make bench   the side-by-side benchmarks in benchmarks/
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LRTOOL := $(VENV)/bin/lrtool
+STAMP := $(VENV)/.installed-lrtool
+DEMO ?= demo-out
+SEED ?= 1
+
+.PHONY: demo test docs lint bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	$(LRTOOL) gen-data two-hop --seed $(SEED) -o $(DEMO)/two-hop --force
+	$(LRTOOL) gen-data math --seed $(SEED) -o $(DEMO)/math --force
+	@echo "== two-hop test questions (R, H, F) and math composed problems:"
+	@for f in $(DEMO)/two-hop/twohop.jsonl $(DEMO)/math/composed.jsonl; do head -n 2 $$f; done
+	@echo "== The train, merge and eval verbs that turn this into the paper's experiment come in later issues."
+
+docs: $(STAMP)
+	$(PY) -m lrtool.docs .
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lrtool tests benchmarks
+
+bench: $(STAMP)
+	@set -e; for script in $(wildcard benchmarks/*.py); do echo "== $$script"; $(PY) $$script; done
+
+clean:
+	rm -rf $(VENV) $(DEMO) build *.egg-info
