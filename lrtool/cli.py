@@ -19,6 +19,7 @@ import typer
 from typer._click import exceptions as click_exceptions  # typer >= 0.26 carries its own click
 
 from lrtool import __version__, io
+from lrtool.data import math as math_problems
 from lrtool.data import twohop
 from lrtool.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, LrtoolError, UsageError
 
@@ -121,8 +122,12 @@ def _split_enum(name: str, splits: tuple[str, ...]) -> type[Enum]:
 
 
 TwoHopSplit = _split_enum("TwoHopSplit", twohop.SPLITS)
+MathSplit = _split_enum("MathSplit", math_problems.SPLITS)
+AnswerFormat = _split_enum("AnswerFormat", math_problems.ANSWER_FORMATS)
 
-Seed = Annotated[int, typer.Option("--seed", help="Seed of the world: the same arguments give the same bytes.")]
+Seed = Annotated[
+    int, typer.Option("--seed", help="Seed of the world: the same arguments give the same bytes.")
+]
 SizeOpt = Annotated[Size, typer.Option("--size", help="Preset of every count below; flags override it.")]
 TemplatesOpt = Annotated[
     Templates, typer.Option("--templates", help="Paraphrase set of --split: training or held-out evaluation.")
@@ -130,7 +135,9 @@ TemplatesOpt = Annotated[
 Out = Annotated[
     str | None,
     typer.Option(
-        "--out", "-o", metavar="PATH",
+        "--out",
+        "-o",
+        metavar="PATH",
         help="With --split: a JSONL file ('-' = stdout, the default). Without: a directory with every split "
         "(training and .eval templates) and lrtool.json.",
     ),
@@ -147,6 +154,7 @@ def _generate(task: str, config, split: str | None, templates: str, seed: int, o
     from lrtool.data import task_module, write_dataset_dir
 
     module = task_module(task)
+    log.debug("world: %s", io.dumps_line(module.describe(config)))
     if split is not None:
         records = module.generate(config, split, seed=seed, templates=templates)
         with io.atomic_output_file(out or io.STDIO, force) as handle:
@@ -160,7 +168,9 @@ def _generate(task: str, config, split: str | None, templates: str, seed: int, o
         raise UsageError("--templates applies to --split; -o DIR writes both template sets")
     with io.atomic_output_dir(out, force) as tmp:
         counts = write_dataset_dir(module, config, seed, tmp)
-        io.write_manifest(tmp, ["lrtool", *SESSION.argv], seed, extra={"task": task, "config": counts["config"]})
+        io.write_manifest(
+            tmp, ["lrtool", *SESSION.argv], seed, extra={"task": task, "config": counts["config"]}
+        )
     log.info("wrote %s", ", ".join(f"{name} ({n})" for name, n in counts["files"].items()))
     print(out)
 
@@ -179,17 +189,25 @@ def two_hop(
     seed: Seed = 0,
     size: SizeOpt = Size.small,
     cities: Annotated[int | None, _count("--cities", help="Birth cities (the answers).")] = None,
-    familiar_mentors: Annotated[int | None, _count("--familiar-mentors", help="Mentors whose birth city is in pretrain.")
+    familiar_mentors: Annotated[
+        int | None, _count("--familiar-mentors", help="Mentors whose birth city is in pretrain.")
     ] = None,
     new_mentors: Annotated[int | None, _count("--new-mentors", help="Mentors never in pretrain.")] = None,
-    familiar_people: Annotated[int | None, _count("--familiar-people", help="People whose mentor is in pretrain (bridge + R chains).")
+    familiar_people: Annotated[
+        int | None,
+        _count("--familiar-people", help="People whose mentor is in pretrain (bridge + R chains)."),
     ] = None,
-    h_people: Annotated[int | None, _count("--h-people", help="New people with a familiar mentor (H).")] = None,
+    h_people: Annotated[
+        int | None, _count("--h-people", help="New people with a familiar mentor (H).")
+    ] = None,
     f_people: Annotated[int | None, _count("--f-people", help="New people with a new mentor (F).")] = None,
     bridge_fraction: Annotated[
         float | None,
-        typer.Option("--bridge-fraction", help="Share of familiar people whose two-hop statement is in pretrain.",
-                     show_default=False),
+        typer.Option(
+            "--bridge-fraction",
+            help="Share of familiar people whose two-hop statement is in pretrain.",
+            show_default=False,
+        ),
     ] = None,
     filler: Annotated[int | None, _count("--filler", help="Filler lines about cities in pretrain.")] = None,
     force: Force = False,
@@ -205,11 +223,77 @@ def two_hop(
     """
     _configure_logging(quiet, verbose)
     config = twohop.Config.for_size(
-        size.value, cities=cities, familiar_mentors=familiar_mentors, new_mentors=new_mentors,
-        familiar_people=familiar_people, h_people=h_people, f_people=f_people,
-        bridge_fraction=bridge_fraction, filler=filler,
+        size.value,
+        cities=cities,
+        familiar_mentors=familiar_mentors,
+        new_mentors=new_mentors,
+        familiar_people=familiar_people,
+        h_people=h_people,
+        f_people=f_people,
+        bridge_fraction=bridge_fraction,
+        filler=filler,
     )
     _generate("two-hop", config, split.value if split else None, templates.value, seed, out, force)
+
+
+@gen_data.command(
+    "math",
+    epilog="Examples:\n\n"
+    "  lrtool gen-data math --split composed --seed 1 | head -3\n\n"
+    "  lrtool gen-data math --shared-template --answer-format solution -o math-bridge/",
+)
+def math_command(
+    split: Annotated[MathSplit | None, typer.Option("--split", help="Write one split as JSONL.")] = None,
+    out: Out = None,
+    templates: TemplatesOpt = Templates.train,
+    seed: Seed = 0,
+    size: SizeOpt = Size.small,
+    skill_problems: Annotated[
+        int | None, _count("--skill-problems", help="Problems in each of skill1 and skill2.")
+    ] = None,
+    composed_problems: Annotated[
+        int | None, _count("--composed-problems", help="Problems in composed.")
+    ] = None,
+    subtraction_facts: Annotated[
+        int | None, _count("--subtraction-facts", help="Distinct subtractions in pretrain (two lines each).")
+    ] = None,
+    filler_sentences: Annotated[
+        int | None, _count("--filler-sentences", help="Shopping sentences without arithmetic in pretrain.")
+    ] = None,
+    shared_template: Annotated[
+        bool,
+        typer.Option("--shared-template", help="Write both skills' solutions in one template (the bridge)."),
+    ] = False,
+    answer_format: Annotated[
+        AnswerFormat,
+        typer.Option(
+            "--answer-format",
+            help="number: the answer is the final number; solution: the worked "
+            "solution, which ends with it (meta.final_answer keeps the number).",
+        ),
+    ] = "number",
+    force: Force = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Math word problems: skill1 (cost = quantity x price), skill2 (change = paid - cost), composed (both).
+
+    Splits: skill1, skill2, composed (two-step problems neither skill's data holds) and pretrain (every
+    product 1..9 x 1..9, sampled subtractions and filler, so that a tiny base can do the arithmetic). Every
+    problem carries its worked solution in meta.solution; --shared-template writes both skills' solutions in
+    one template, the condition under which reuse is reported to work.
+    """
+    _configure_logging(quiet, verbose)
+    config = math_problems.Config.for_size(
+        size.value,
+        skill_problems=skill_problems,
+        composed_problems=composed_problems,
+        subtraction_facts=subtraction_facts,
+        filler_sentences=filler_sentences,
+        shared_template=shared_template,
+        answer_format=AnswerFormat(answer_format).value,
+    )
+    _generate("math", config, split.value if split else None, templates.value, seed, out, force)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -255,4 +339,3 @@ def _fail(exc: BaseException, code: int, message: str) -> None:
     message = " ".join(str(message).split()) or type(exc).__name__
     print(f"Error: {message}", file=sys.stderr)
     sys.exit(code)
-

@@ -21,7 +21,11 @@ def run_lrtool(*args: str, input: str | None = None, env: dict | None = None) ->
     """Run `python -m lrtool ARGS` in a real subprocess (for pipes, exit codes and import checks)."""
     return subprocess.run(
         [sys.executable, "-m", "lrtool", *args],
-        input=input, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})},
+        input=input,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
 
 

@@ -1,4 +1,4 @@
-"""The command line's manners: exit codes, one-line errors, stdout for data, atomic outputs, light start-up."""
+"""The command line's manners: exit codes, one-line errors, stdout for data, atomic outputs, start-up."""
 
 import ast
 import json
@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_lrtool
+
 from lrtool import __version__
 
 CLI_LAYER = {"cli.py", "docs.py", "__main__.py"}  # the only modules allowed to import typer or rich
@@ -23,13 +23,20 @@ def test_python_dash_m_runs_the_tool():
     assert result.returncode == 0 and __version__ in result.stdout
 
 
-@pytest.mark.parametrize("args", [["--help"], ["gen-data", "two-hop", "--split", "twohop", "--size", "tiny"],
-                                  ["gen-data", "math", "--split", "composed", "--size", "tiny"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["gen-data", "two-hop", "--split", "twohop", "--size", "tiny"],
+        ["gen-data", "math", "--split", "composed", "--size", "tiny"],
+    ],
+)
 def test_help_and_gen_data_do_not_import_torch_or_other_heavy_libraries(args):
     probe = (
         "import sys\nfrom lrtool.cli import main\n"
         f"try:\n    main({args!r})\nexcept SystemExit as e:\n    code = e.code\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'numpy', 'safetensors') if m in sys.modules)\n"
+        "heavy = ('torch', 'transformers', 'peft', 'numpy', 'safetensors')\n"
+        "heavy = sorted(m for m in heavy if m in sys.modules)\n"
         "print(code, heavy, file=sys.stderr)\n"
     )
     import subprocess
@@ -74,8 +81,19 @@ def test_out_dir_holds_every_split_both_template_sets_and_a_manifest(cli, tmp_pa
     code, stdout, _ = cli("gen-data", "two-hop", "--size", "tiny", "--seed", "2", "-o", str(out))
     assert code == 0 and stdout.strip() == str(out)
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["pretrain.jsonl", "hop1.jsonl", "hop2.jsonl", "direct.jsonl", "twohop.jsonl",
-                            "hop1.eval.jsonl", "hop2.eval.jsonl", "twohop.eval.jsonl", "lrtool.json"])
+    assert names == sorted(
+        [
+            "pretrain.jsonl",
+            "hop1.jsonl",
+            "hop2.jsonl",
+            "direct.jsonl",
+            "twohop.jsonl",
+            "hop1.eval.jsonl",
+            "hop2.eval.jsonl",
+            "twohop.eval.jsonl",
+            "lrtool.json",
+        ]
+    )
     manifest = json.loads((out / "lrtool.json").read_text())
     assert manifest["lrtool"] == __version__ and manifest["seed"] == 2
     assert manifest["command"][:3] == ["lrtool", "gen-data", "two-hop"] and manifest["inputs"] == {}
@@ -134,7 +152,9 @@ def test_errors_carry_a_traceback_only_with_debug(tmp_path):
     assert plain.returncode == 1 and plain.stderr.startswith("Error: ") and "Traceback" not in plain.stderr
     debug = run_lrtool("--debug", "gen-data", "two-hop", "--size", "tiny", "-o", str(tmp_path / "x"))
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "Error: " in debug.stderr
-    env = run_lrtool("gen-data", "two-hop", "--size", "tiny", "-o", str(tmp_path / "x"), env={"LRTOOL_DEBUG": "1"})
+    env = run_lrtool(
+        "gen-data", "two-hop", "--size", "tiny", "-o", str(tmp_path / "x"), env={"LRTOOL_DEBUG": "1"}
+    )
     assert "Traceback" in env.stderr
 
 
@@ -150,8 +170,12 @@ def test_quiet_silences_the_log_and_verbose_is_accepted(cli, tmp_path):
 def test_a_closed_pipe_stops_quietly():
     import subprocess
 
-    proc = subprocess.Popen([sys.executable, "-m", "lrtool", "gen-data", "two-hop", "--split", "pretrain",
-                             "--size", "gpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lrtool", "gen-data", "two-hop", "--split", "pretrain", "--size", "gpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
     proc.stdout.readline()
     proc.stdout.close()
     err = proc.stderr.read().decode()

@@ -101,7 +101,9 @@ def test_familiarity_labels_match_what_the_pretrain_text_contains():
 
 def test_counts_follow_the_config():
     config = twohop.Config.for_size("tiny", familiar_people=30, h_people=5, f_people=7, bridge_fraction=0.5)
-    chains = {tuple(line["meta"]["chain"]): line["meta"]["familiarity"] for line in split("twohop", config=config)}
+    chains = {
+        tuple(line["meta"]["chain"]): line["meta"]["familiarity"] for line in split("twohop", config=config)
+    }
     counts = {f: list(chains.values()).count(f) for f in "RHF"}
     assert counts == {"R": 15, "H": 5, "F": 7}
 

@@ -5,8 +5,29 @@ No name is a prefix of another so that a greedy answer can be matched to one ent
 
 import random
 
-_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t",
-           "th", "v", "z"]
+_ONSETS = [
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "st",
+    "t",
+    "th",
+    "v",
+    "z",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 _CODAS = ["", "", "", "n", "r", "l", "s", "th", "m"]
 _PLACE_ENDINGS = ["holm", "ford", "wick", "mere", "dale", "stead", "burg", "mouth", "vale", "haven"]

@@ -87,12 +87,36 @@ FILLER = [
 FILLER_THINGS = ["market", "bridge", "harbour", "gardens", "library", "music", "bread", "towers"]
 
 SIZES = {
-    "tiny": dict(cities=8, familiar_mentors=8, new_mentors=4, familiar_people=24, h_people=8, f_people=8,
-                 bridge_fraction=2 / 3, filler=16),
-    "small": dict(cities=30, familiar_mentors=75, new_mentors=25, familiar_people=300, h_people=50,
-                  f_people=50, bridge_fraction=2 / 3, filler=200),
-    "gpu": dict(cities=60, familiar_mentors=250, new_mentors=100, familiar_people=1000, h_people=200,
-                f_people=200, bridge_fraction=2 / 3, filler=1000),
+    "tiny": dict(
+        cities=8,
+        familiar_mentors=8,
+        new_mentors=4,
+        familiar_people=24,
+        h_people=8,
+        f_people=8,
+        bridge_fraction=2 / 3,
+        filler=16,
+    ),
+    "small": dict(
+        cities=30,
+        familiar_mentors=75,
+        new_mentors=25,
+        familiar_people=300,
+        h_people=50,
+        f_people=50,
+        bridge_fraction=2 / 3,
+        filler=200,
+    ),
+    "gpu": dict(
+        cities=60,
+        familiar_mentors=250,
+        new_mentors=100,
+        familiar_people=1000,
+        h_people=200,
+        f_people=200,
+        bridge_fraction=2 / 3,
+        filler=1000,
+    ),
 }
 
 
@@ -132,7 +156,9 @@ class Config:
         if self.f_people and not self.new_mentors:
             raise UsageError("--f-people needs at least one new mentor (--new-mentors)")
         if self.r_people + self.h_people + self.f_people == 0:
-            raise UsageError("the world has no test chains: raise --familiar-people, --h-people or --f-people")
+            raise UsageError(
+                "the world has no test chains: raise --familiar-people, --h-people or --f-people"
+            )
 
     @property
     def bridge_people(self) -> int:
@@ -236,15 +262,26 @@ def _questions(world: World, split: str, templates: str):
         for mentor in world.test_mentors:
             city = world.birthplace[mentor]
             for text, tid in _fill("birthplace", templates, b=mentor):
-                yield _line(text, city, split, tid, [mentor, city], in_pretrain=mentor in world.familiar_mentors)
+                yield _line(
+                    text, city, split, tid, [mentor, city], in_pretrain=mentor in world.familiar_mentors
+                )
         return
     for chain in world.test_chains:
-        labels = {"familiarity": chain.familiarity, "pretrain_hops": chain.pretrain_hops,
-                  "bridged": chain.bridged}
+        labels = {
+            "familiarity": chain.familiarity,
+            "pretrain_hops": chain.pretrain_hops,
+            "bridged": chain.bridged,
+        }
         if split == "hop1":
             for text, tid in _fill("mentor", templates, a=chain.person):
-                yield _line(text, chain.mentor, split, tid, [chain.person, chain.mentor],
-                            in_pretrain=1 in chain.pretrain_hops)
+                yield _line(
+                    text,
+                    chain.mentor,
+                    split,
+                    tid,
+                    [chain.person, chain.mentor],
+                    in_pretrain=1 in chain.pretrain_hops,
+                )
         else:  # direct, twohop: the composed relation
             for text, tid in _fill("mentor_birthplace", templates, a=chain.person):
                 yield _line(text, chain.city, split, tid, [chain.person, chain.mentor, chain.city], **labels)
@@ -255,7 +292,9 @@ def _pretrain(world: World, rng: random.Random) -> list[dict]:
     for chain in world.chains:
         if 1 in chain.pretrain_hops:
             for text, tid in _fill("mentor", "train", a=chain.person):
-                lines.append(_line(text, chain.mentor, "pretrain", tid, [chain.person, chain.mentor], kind="hop1"))
+                lines.append(
+                    _line(text, chain.mentor, "pretrain", tid, [chain.person, chain.mentor], kind="hop1")
+                )
         if chain.familiarity == "bridge":
             for text, tid in _fill("mentor_birthplace", "train", a=chain.person):
                 chain_names = [chain.person, chain.mentor, chain.city]
@@ -264,10 +303,15 @@ def _pretrain(world: World, rng: random.Random) -> list[dict]:
         city = world.birthplace[mentor]
         for text, tid in _fill("birthplace", "train", b=mentor):
             lines.append(_line(text, city, "pretrain", tid, [mentor, city], kind="hop2"))
-    for i in range(world.config.filler):
+    for _ in range(world.config.filler):
         prompt, answer = rng.choice(FILLER)
         values = {"c": rng.choice(world.cities), "thing": rng.choice(FILLER_THINGS)}
-        meta = {"task": TASK, "split": "pretrain", "kind": "filler", "template": f"filler.{FILLER.index((prompt, answer))}"}
+        meta = {
+            "task": TASK,
+            "split": "pretrain",
+            "kind": "filler",
+            "template": f"filler.{FILLER.index((prompt, answer))}",
+        }
         lines.append(record(prompt.format(**values), answer.format(**values), meta))
     rng.shuffle(lines)
     return lines
@@ -279,7 +323,9 @@ def _fill(relation: str, templates: str, **names):
 
 
 def _line(prompt: str, answer: str, split: str, template: str, chain: list[str], **extra) -> dict:
-    return record(prompt, answer, {"task": TASK, "split": split, "template": template, "chain": chain, **extra})
+    return record(
+        prompt, answer, {"task": TASK, "split": split, "template": template, "chain": chain, **extra}
+    )
 
 
 def describe(config: Config) -> dict:
