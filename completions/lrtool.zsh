@@ -1,0 +1,144 @@
+#compdef lrtool
+# zsh completion for lrtool, generated from lrtool/cli.py by `python -m lrtool.docs` (make docs): do not edit.
+
+_lrtool() {
+  local curcontext=$curcontext state state_descr line ret=1
+  typeset -A opt_args
+  _arguments -C -s -S \
+    '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
+    '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
+    '--debug[Show tracebacks (also LRTOOL_DEBUG=1).]' \
+    '--version[Print the version and exit.]' \
+    '(-h --help)'{-h,--help}'[Show this message and exit.]' \
+    '1: :->command' \
+    '*:: :->argument' && ret=0
+  case $state in
+    (command)
+      local -a commands=(
+        'train:Train a LoRA (or, with --full, every weight) of a causal LM on JSONL prompt/answer datasets.'
+        'gen-data:Generate synthetic datasets whose test sets need composition.'
+      )
+      _describe -t commands 'lrtool command' commands && ret=0
+      ;;
+    (argument)
+      curcontext=${curcontext%:*:*}:lrtool-$words[1]:
+      case $words[1] in
+        (train) _lrtool_train && ret=0 ;;
+        (gen-data) _lrtool_gen_data && ret=0 ;;
+      esac
+      ;;
+  esac
+  return ret
+}
+
+_lrtool_train() {
+  _arguments -s -S \
+    '--base=[Base model\: a Hugging Face model directory, a hub id, or tiny / tiny\:PRESET (micro, tiny, small, base) for a new Llama made here.]:TEXT:_files' \
+    '(-o --out)'{-o+,--out=}'[Output directory (printed on stdout).]:DIR:_files' \
+    '--full[Train every weight (e.g. pretrain the tiny base) instead of a LoRA.]' \
+    '(-r --rank)'{-r+,--rank=}'[LoRA rank; 0 with --train-tokens trains only embedding rows.]:INT: ' \
+    '--alpha=[LoRA alpha (default\: 2 x rank).]:FLOAT: ' \
+    '--rslora[Scale by alpha / sqrt(rank) (rsLoRA).]' \
+    '--dropout=[LoRA dropout.]:FLOAT: ' \
+    '--targets=[Comma-separated module names to adapt (default\: every linear layer of the blocks).]:TEXT:_files' \
+    '--init=[LoRA initialisation (peft'\''s init_lora_weights).]:INIT:(default gaussian)' \
+    '--train-tokens=[Also train these tokens'\'' embedding rows\: comma-separated words, a file of words, or new (tokens of DATA that the base never saw in pretraining).]:WORDS|FILE|new:_files' \
+    '*--vocab-from=[With --base tiny\: make every word of PATH one token; a directory means its .jsonl files (a gen-data world).]:PATH:_files' \
+    '--lr=[Peak learning rate (default\: 1e-3 with --full, 5e-4 LoRA).]:FLOAT: ' \
+    '--weight-decay=[AdamW weight decay (default\: 0.1 with --full, 0 LoRA).]:FLOAT: ' \
+    '--epochs=[Passes over the data (default 20 unless --max-steps).]:FLOAT: ' \
+    '--max-steps=[Optimizer steps (overrides --epochs).]:INT: ' \
+    '--batch-size=[Examples per optimizer step, over all processes (default\: 128 with --full, 64 LoRA).]:INT: ' \
+    '--grad-accum=[Split each step into this many micro-batches (same result, less memory).]:INT: ' \
+    '--warmup=[Linear warm-up steps (default\: a tenth of the run).]:INT: ' \
+    '--schedule=[Learning-rate schedule after warm-up.]:SCHEDULE:(cosine constant)' \
+    '--loss=[Tokens with loss\: answer (prompt masked; default) or all (plain corpora; default with --full).]:LOSS:(answer all)' \
+    '--chat-template[Format prompt and answer with the base tokenizer'\''s chat template (eval takes the same flag).]' \
+    '--until-accuracy=[Stop once greedy exact match on a sample of the training examples reaches X; exit 3 if the run ends below it.]:X: ' \
+    '--check-every=[Steps between accuracy checks.]:INT: ' \
+    '--check-sample=[Training examples per accuracy check.]:INT: ' \
+    '--seed=[Seed of the world\: the same arguments give the same bytes.]:INT: ' \
+    '--device=[Where to train; auto picks CUDA when present.]:auto|cpu|cuda\[\:N\]:_files' \
+    '--dtype=[Weights'\'' dtype (default\: the base'\''s).]:DTYPE:(float32 bfloat16 float16)' \
+    '--max-length=[Longest line in tokens; longer prompts lose tokens on the left.]:INT: ' \
+    '--log-every=[Steps between train_log.jsonl lines.]:INT: ' \
+    '--resume[Continue from the checkpoint an interrupted run left in OUT.ckpt/.]' \
+    '--trust-remote-code[Allow the base'\''s own Python code (off by default).]' \
+    '--force[Replace an existing output.]' \
+    '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
+    '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
+    '(-h --help)'{-h,--help}'[Show this message and exit.]' \
+    '*:DATA.jsonl...:_files'
+}
+
+_lrtool_gen_data() {
+  local curcontext=$curcontext state state_descr line ret=1
+  typeset -A opt_args
+  _arguments -C -s -S \
+    '(-h --help)'{-h,--help}'[Show this message and exit.]' \
+    '1: :->command' \
+    '*:: :->argument' && ret=0
+  case $state in
+    (command)
+      local -a commands=(
+        'two-hop:Two-hop knowledge: "A'\''s mentor is B", "B was born in C", and "where was A'\''s mentor born?".'
+        'math:Math word problems: skill1 (cost = quantity x price), skill2 (change = paid - cost), composed (both).'
+      )
+      _describe -t commands 'lrtool gen-data command' commands && ret=0
+      ;;
+    (argument)
+      curcontext=${curcontext%:*:*}:lrtool-gen-data-$words[1]:
+      case $words[1] in
+        (two-hop) _lrtool_gen_data_two_hop && ret=0 ;;
+        (math) _lrtool_gen_data_math && ret=0 ;;
+      esac
+      ;;
+  esac
+  return ret
+}
+
+_lrtool_gen_data_two_hop() {
+  _arguments -s -S \
+    '--split=[Write one split as JSONL.]:SPLIT:(pretrain hop1 hop2 direct twohop)' \
+    '(-o --out)'{-o+,--out=}'[With --split\: a JSONL file ('\''-'\'' = stdout, the default).]:PATH:_files' \
+    '--templates=[Paraphrase set of --split\: training or held-out evaluation.]:TEMPLATES:(train eval)' \
+    '--seed=[Seed of the world\: the same arguments give the same bytes.]:INT: ' \
+    '--size=[Preset of every count below; flags override it.]:SIZE:(tiny small gpu)' \
+    '--cities=[Birth cities (the answers).]:INT: ' \
+    '--familiar-mentors=[Mentors whose birth city is in pretrain.]:INT: ' \
+    '--new-mentors=[Mentors never in pretrain.]:INT: ' \
+    '--familiar-people=[People whose mentor is in pretrain (bridge + R chains).]:INT: ' \
+    '--h-people=[New people with a familiar mentor (H).]:INT: ' \
+    '--f-people=[New people with a new mentor (F).]:INT: ' \
+    '--bridge-fraction=[Share of familiar people whose two-hop statement is in pretrain.]:FLOAT: ' \
+    '--filler=[Filler lines about cities in pretrain.]:INT: ' \
+    '--force[Replace an existing output.]' \
+    '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
+    '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
+    '(-h --help)'{-h,--help}'[Show this message and exit.]'
+}
+
+_lrtool_gen_data_math() {
+  _arguments -s -S \
+    '--split=[Write one split as JSONL.]:SPLIT:(skill1 skill2 composed pretrain)' \
+    '(-o --out)'{-o+,--out=}'[With --split\: a JSONL file ('\''-'\'' = stdout, the default).]:PATH:_files' \
+    '--templates=[Paraphrase set of --split\: training or held-out evaluation.]:TEMPLATES:(train eval)' \
+    '--seed=[Seed of the world\: the same arguments give the same bytes.]:INT: ' \
+    '--size=[Preset of every count below; flags override it.]:SIZE:(tiny small gpu)' \
+    '--skill-problems=[Problems in each of skill1 and skill2.]:INT: ' \
+    '--composed-problems=[Problems in composed.]:INT: ' \
+    '--subtraction-facts=[Distinct subtractions in pretrain (two lines each).]:INT: ' \
+    '--filler-sentences=[Shopping sentences without arithmetic in pretrain.]:INT: ' \
+    '--shared-template[Write both skills'\'' solutions in one template (the bridge).]' \
+    '--answer-format=[number\: the answer is the final number; solution\: the worked solution, which ends with it (meta.final_answer keeps the number).]:ANSWER_FORMAT:(number solution)' \
+    '--force[Replace an existing output.]' \
+    '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
+    '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
+    '(-h --help)'{-h,--help}'[Show this message and exit.]'
+}
+
+if [[ $zsh_eval_context[-1] == loadautofunc ]]; then
+  _lrtool "$@"  # autoloaded from $fpath
+else
+  compdef _lrtool lrtool  # sourced
+fi
