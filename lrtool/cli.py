@@ -6,6 +6,7 @@ LRTOOL_DEBUG=1); exit codes 0 ok, 1 runtime error, 2 usage error, 3 quality gate
 Heavy libraries (torch, transformers, peft) are imported inside the commands that need them.
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -38,7 +40,6 @@ SESSION = _Session()
 
 app = typer.Typer(
     name="lrtool",
-    help="Recycle LoRA adapters (merge, route) and measure whether recycling works.",
     no_args_is_help=True,
     add_completion=False,  # completions/ holds generated scripts (make docs)
     rich_markup_mode="markdown",  # reflows docstring paragraphs
@@ -67,6 +68,21 @@ def _configure_logging(quiet: bool = False, verbose: bool = False) -> None:
     # Root-level -q/-v set the level first; a verb's own flag may only make it quieter or louder.
     if quiet or verbose or log.level == logging.NOTSET:
         log.setLevel(level)
+    if not verbose:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers' and peft's progress bars and deprecation notices off stderr unless --verbose."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # peft 0.21 warns about tied embeddings for every adapter on them, although its trainable tokens do tie
+    # the output layer (checked in tests/test_train.py); the warning would be noise on every run.
+    warnings.filterwarnings("ignore", message=".*no implementation exists to tie the adapters")
 
 
 def _version(value: bool) -> None:
@@ -294,6 +310,315 @@ def math_command(
         answer_format=AnswerFormat(answer_format).value,
     )
     _generate("math", config, split.value if split else None, templates.value, seed, out, force)
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Loss(str, Enum):
+    answer = "answer"
+    all = "all"
+
+
+class Init(str, Enum):
+    default = "default"
+    gaussian = "gaussian"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def _opt(*flags: str, help: str, **kwargs):
+    return typer.Option(*flags, help=help, **kwargs)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  lrtool train world/pretrain.jsonl --base tiny --full --vocab-from world/ -o base/\n\n"
+    "  lrtool train world/hop1.jsonl --base base/ -o hop1/ --until-accuracy 0.95\n\n"
+    "  lrtool train world/hop1.jsonl world/hop2.jsonl --base base/ -o multitask/\n\n"
+    "  lrtool train world/hop1.jsonl --base base/ --rank 0 --train-tokens new -o hop1-rows/\n\n"
+    "  torchrun --nproc_per_node 4 -m lrtool train data.jsonl --base Qwen/Qwen2.5-0.5B-Instruct "
+    "--chat-template -o expert/",
+)
+def train(
+    data: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="DATA.jsonl...",
+            help="Datasets; several train one adapter on their union ('-' = stdin).",
+            show_default=False,
+        ),
+    ],
+    base: Annotated[
+        str,
+        _opt(
+            "--base",
+            help="Base model: a Hugging Face model directory, a hub id, or tiny / "
+            "tiny:PRESET (micro, tiny, small, base) for a new Llama made here.",
+        ),
+    ],
+    out: Annotated[str, _opt("--out", "-o", metavar="DIR", help="Output directory (printed on stdout).")],
+    full: Annotated[
+        bool, _opt("--full", help="Train every weight (e.g. pretrain the tiny base) instead of a LoRA.")
+    ] = False,
+    rank: Annotated[
+        int, _opt("--rank", "-r", min=0, help="LoRA rank; 0 with --train-tokens trains only embedding rows.")
+    ] = 16,
+    alpha: Annotated[
+        float | None, _opt("--alpha", help="LoRA alpha (default: 2 x rank).", show_default=False)
+    ] = None,
+    rslora: Annotated[bool, _opt("--rslora", help="Scale by alpha / sqrt(rank) (rsLoRA).")] = False,
+    dropout: Annotated[float, _opt("--dropout", help="LoRA dropout.")] = 0.0,
+    targets: Annotated[
+        str | None,
+        _opt(
+            "--targets",
+            help="Comma-separated module names to adapt (default: every linear layer of the blocks).",
+            show_default=False,
+        ),
+    ] = None,
+    init: Annotated[
+        Init, _opt("--init", help="LoRA initialisation (peft's init_lora_weights).")
+    ] = Init.default,
+    train_tokens: Annotated[
+        str | None,
+        _opt(
+            "--train-tokens",
+            metavar="WORDS|FILE|new",
+            help="Also train these tokens' embedding "
+            "rows: comma-separated words, a file of words, or new (tokens of DATA that the base "
+            "never saw in pretraining).",
+            show_default=False,
+        ),
+    ] = None,
+    vocab_from: Annotated[
+        list[str] | None,
+        _opt(
+            "--vocab-from",
+            metavar="PATH",
+            help="With --base tiny: make every word of PATH "
+            "one token; a directory means its .jsonl files (a gen-data world). Repeat for "
+            "several.",
+            show_default=False,
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        _opt("--lr", help="Peak learning rate (default: 1e-3 with --full, 5e-4 LoRA).", show_default=False),
+    ] = None,
+    weight_decay: Annotated[
+        float | None,
+        _opt(
+            "--weight-decay",
+            help="AdamW weight decay (default: 0.1 with --full, 0 LoRA).",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[
+        float | None,
+        _opt("--epochs", help="Passes over the data (default 20 unless --max-steps).", show_default=False),
+    ] = None,
+    max_steps: Annotated[
+        int | None,
+        _opt("--max-steps", min=1, help="Optimizer steps (overrides --epochs).", show_default=False),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        _opt(
+            "--batch-size",
+            min=1,
+            help="Examples per optimizer step, over all processes (default: 128 with --full, 64 LoRA).",
+            show_default=False,
+        ),
+    ] = None,
+    grad_accum: Annotated[
+        int,
+        _opt(
+            "--grad-accum",
+            min=1,
+            help="Split each step into this many micro-batches (same result, less memory).",
+        ),
+    ] = 1,
+    warmup: Annotated[
+        int | None,
+        _opt(
+            "--warmup", min=0, help="Linear warm-up steps (default: a tenth of the run).", show_default=False
+        ),
+    ] = None,
+    schedule: Annotated[Schedule, _opt("--schedule", help="Learning-rate schedule after warm-up.")] = (
+        Schedule.cosine
+    ),
+    loss: Annotated[
+        Loss | None,
+        _opt(
+            "--loss",
+            help="Tokens with loss: answer (prompt masked; default) or all "
+            "(plain corpora; default with --full).",
+            show_default=False,
+        ),
+    ] = None,
+    chat_template: Annotated[
+        bool,
+        _opt(
+            "--chat-template",
+            help="Format prompt and answer with the base "
+            "tokenizer's chat template (eval takes the same flag).",
+        ),
+    ] = False,
+    until_accuracy: Annotated[
+        float | None,
+        _opt(
+            "--until-accuracy",
+            metavar="X",
+            help="Stop once greedy exact match on a sample of "
+            "the training examples reaches X; exit 3 if the run ends below it.",
+            show_default=False,
+        ),
+    ] = None,
+    check_every: Annotated[int, _opt("--check-every", min=1, help="Steps between accuracy checks.")] = 50,
+    check_sample: Annotated[
+        int, _opt("--check-sample", min=1, help="Training examples per accuracy check.")
+    ] = 256,
+    seed: Seed = 0,
+    device: Annotated[
+        str,
+        _opt("--device", metavar="auto|cpu|cuda[:N]", help="Where to train; auto picks CUDA when present."),
+    ] = "auto",
+    dtype: Annotated[
+        Dtype | None, _opt("--dtype", help="Weights' dtype (default: the base's).", show_default=False)
+    ] = None,
+    max_length: Annotated[
+        int,
+        _opt("--max-length", min=2, help="Longest line in tokens; longer prompts lose tokens on the left."),
+    ] = 256,
+    log_every: Annotated[int, _opt("--log-every", min=1, help="Steps between train_log.jsonl lines.")] = 10,
+    resume: Annotated[
+        bool, _opt("--resume", help="Continue from the checkpoint an interrupted run left in OUT.ckpt/.")
+    ] = False,
+    trust_remote_code: Annotated[
+        bool, _opt("--trust-remote-code", help="Allow the base's own Python code (off by default).")
+    ] = False,
+    force: Force = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Train a LoRA (or, with --full, every weight) of a causal LM on JSONL prompt/answer datasets.
+
+    Writes a PEFT directory (LoRA) or a Hugging Face model directory with its tokenizer (--full), plus
+    train_log.jsonl and lrtool.json, and prints its path. Loss covers the answer tokens (prompt + " " +
+    answer + EOS) unless --loss all. Ctrl-C or SIGTERM stops with exit 130, writes no output and keeps
+    OUT.ckpt/ for --resume. Runs unchanged under torchrun or accelerate launch (data-parallel; rank 0 writes).
+    """
+    _configure_logging(quiet, verbose)
+    if not verbose:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # the env variable is read once, at import
+        transformers_logging.set_verbosity_error()
+    from lrtool.train import TrainSettings, check_reached, checkpoint_dir, remove_checkpoint
+    from lrtool.train import train as run_training
+
+    settings = TrainSettings(
+        data=data,
+        base=base,
+        full=full,
+        rank=rank,
+        alpha=alpha,
+        rslora=rslora,
+        dropout=dropout,
+        targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
+        init=init.value,
+        train_tokens=train_tokens,
+        vocab_from=vocab_from or [],
+        lr=lr,
+        weight_decay=weight_decay,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup=warmup,
+        schedule=schedule.value,
+        seed=seed,
+        device=device,
+        dtype=dtype.value if dtype else None,
+        max_length=max_length,
+        loss=loss.value if loss else None,
+        chat_template=chat_template,
+        until_accuracy=until_accuracy,
+        check_every=check_every,
+        check_sample=check_sample,
+        log_every=log_every,
+        trust_remote_code=trust_remote_code,
+    ).resolved()
+    import os
+
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    io.check_output_free(out, force)
+    if resume and not checkpoint_dir(Path(out)).is_dir():
+        raise UsageError(f"--resume: no checkpoint at {checkpoint_dir(Path(out))}")
+    with (
+        _progress(quiet or not is_main) as on_progress,
+        io.atomic_output_dir(out, force, enabled=is_main) as tmp,
+    ):
+        result = run_training(
+            settings, tmp, command=["lrtool", *SESSION.argv], resume=resume, on_progress=on_progress
+        )
+    if is_main:
+        remove_checkpoint(Path(out))
+        accuracy = "" if result.accuracy is None else f", exact match {result.accuracy:.3f}"
+        log.info(
+            "trained %d steps on %d examples in %.1f s (%.0f tokens/s), loss %.4f%s",
+            result.steps,
+            result.examples,
+            result.seconds,
+            result.tokens_per_second,
+            result.loss,
+            accuracy,
+        )
+        print(out)
+        check_reached(result, settings)
+
+
+@contextlib.contextmanager
+def _progress(disabled: bool):
+    """A rich progress bar on stderr, only on a terminal; yields the callback train() calls."""
+    if disabled or not sys.stderr.isatty() or log.level > logging.INFO:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("train"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=_stderr_console(), transient=True) as bar:
+        task = bar.add_task("train", total=None, info="")
+
+        def update(step: int, total: int, metrics: dict) -> None:
+            info = f"loss {metrics['loss']:.4f}"
+            if metrics.get("accuracy") is not None:
+                info += f"  acc {metrics['accuracy']:.3f}"
+            bar.update(task, completed=step, total=total, info=info)
+
+        yield update
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -97,13 +97,17 @@ def check_output_free(path: str | Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(path: str | Path, force: bool = False, enabled: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it is renamed to `path`, on failure removed.
 
-    With `force`, an existing `path` is replaced only once the new output is complete.
+    With `force`, an existing `path` is replaced only once the new output is complete. `enabled=False`
+    (the processes of a distributed run that do not write) yields `path` itself and touches nothing.
     """
     path = Path(path)
     check_output_free(path, force)
+    if not enabled:
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_lrtool
 
+from conftest import REPO, run_lrtool
 from lrtool import __version__
 
 CLI_LAYER = {"cli.py", "docs.py", "__main__.py"}  # the only modules allowed to import typer or rich
