@@ -28,11 +28,17 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
-	$(LRTOOL) gen-data two-hop --seed $(SEED) -o $(DEMO)/two-hop --force
+	$(LRTOOL) gen-data two-hop --seed $(SEED) -o $(DEMO)/world --force
 	$(LRTOOL) gen-data math --seed $(SEED) -o $(DEMO)/math --force
-	@echo "== two-hop test questions (R, H, F) and math composed problems:"
-	@for f in $(DEMO)/two-hop/twohop.jsonl $(DEMO)/math/composed.jsonl; do head -n 2 $$f; done
-	@echo "== The train, merge and eval verbs that turn this into the paper's experiment come in later issues."
+	$(LRTOOL) train $(DEMO)/world/pretrain.jsonl --base tiny --full --vocab-from $(DEMO)/world \
+		--until-accuracy 0.95 --seed $(SEED) -o $(DEMO)/base --force
+	for expert in hop1 hop2 direct; do \
+		$(LRTOOL) train $(DEMO)/world/$$expert.jsonl --base $(DEMO)/base --until-accuracy 0.95 \
+			--seed $(SEED) -o $(DEMO)/$$expert --force || exit 1; \
+	done
+	$(LRTOOL) train $(DEMO)/world/hop1.jsonl $(DEMO)/world/hop2.jsonl --base $(DEMO)/base \
+		--until-accuracy 0.95 --seed $(SEED) -o $(DEMO)/multitask --force
+	@echo "== The merge and eval verbs that turn this into the paper's experiment come in later issues."
 
 docs: $(STAMP)
 	$(PY) -m lrtool.docs .

@@ -12,6 +12,7 @@ the same update as one.
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -161,16 +162,19 @@ def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
     A pure function of the step, so a resumed run sees exactly the batches an uninterrupted one would.
     """
-    import torch
-
     start = step * batch_size
     out: list[int] = []
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        permutation = torch.randperm(n, generator=generator).tolist()
-        out.extend(permutation[offset : offset + batch_size - len(out)])
+        out.extend(_epoch_order(n, seed, epoch)[offset : offset + batch_size - len(out)])
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -335,6 +339,8 @@ def train(
     s = settings.resolved()
     dist = Distributed.from_env()
     device = pick_device(s.device, dist)
+    if dist.world_size > s.batch_size:
+        raise UsageError(f"--batch-size {s.batch_size} is smaller than the {dist.world_size} processes")
     if dist.world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
@@ -536,13 +542,12 @@ def out_final(out: Path) -> Path:
 
 def _write_output(out: Path, model, tokenizer, s: TrainSettings, encoded, log_lines, result, command):
     if s.full:
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
         seen = {i for ids, _ in encoded for i in ids}
         if tiny_preset(s.base):
             redrawn = redraw_unseen_rows(model, seen, s.seed)
-            model.save_pretrained(out, safe_serialization=True)
             log.info("gave %d never-trained embedding rows the trained rows' statistics", redrawn)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
         (out / SEEN_TOKENS).write_text(json.dumps({"token_ids": sorted(seen)}) + "\n")
     else:
         model.save_pretrained(out)
