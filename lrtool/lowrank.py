@@ -4,7 +4,7 @@ Reads and writes tensors only. An update of rank r costs O((out + in) r^2) here 
 
     factored_svd      the SVD of B @ A from a QR of each factor and the SVD of an r x r core
     inner             <B1 A1, B2 A2>_F as the sum of (B1^T B2) * (A1 A2^T), two small Gram matrices
-    norm, distance    Frobenius norm and distance built from `inner`
+    norm, distance    Frobenius norm (from the factored SVD) and distance (the norm of stacked factors)
 
 Stacking factors (B = [B1 | B2], A = [A1; A2]) represents a sum of updates, so the same functions serve
 merges (the exact sum of several adapters) and diagnostics (spectra, cosines between adapters).
@@ -32,8 +32,10 @@ def inner(
 
 
 def norm(B: torch.Tensor, A: torch.Tensor) -> float:
-    """||B @ A||_F."""
-    return max(inner(B, A, B, A), 0.0) ** 0.5
+    """||B @ A||_F, from the singular values of the factored SVD (a trace of Gram matrices would cancel
+    digits when B @ A is a small difference, as in `distance`)."""
+    _, s, _ = factored_svd(B, A)
+    return float(s.square().sum().sqrt())
 
 
 def distance(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:

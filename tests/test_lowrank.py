@@ -34,3 +34,8 @@ def test_stacked_factors_represent_the_sum_of_updates():
     torch.testing.assert_close(B @ A, B1 @ A1 + B2 @ A2)
     _, S, _ = lowrank.factored_svd(B, A)
     torch.testing.assert_close(S, torch.linalg.svdvals(B1 @ A1 + B2 @ A2)[:5])
+
+
+def test_the_distance_between_identical_updates_is_zero_to_float64_precision():
+    B, A = factors(out=300, inp=200, r=8, seed=5)
+    assert lowrank.distance(B, A, B.clone(), A.clone()) < 1e-12 * lowrank.norm(B, A)
