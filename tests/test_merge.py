@@ -1,0 +1,446 @@
+"""Merge methods compute their definitions exactly: each is checked against an independent dense float64
+computation (numpy, written here) on adapters with mixed ranks, alphas, rsLoRA, rank_pattern and target
+modules; linear and svd also against peft's add_weighted_adapter; properties hold for random adapters."""
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_adapters import peft_layers, randomise_lora, tiny_llama
+
+from lrtool.adapters import Adapter, LoraModule, load_adapter
+from lrtool.errors import IncompatibleError, UsageError
+from lrtool.merge import REGISTRY, describe_methods, get, parse_weights, plan_merge
+
+torch.set_num_threads(1)
+
+# Four adapters of one tiny Llama (hidden 32, 3 layers), every one different in rank, alpha, rsLoRA,
+# patterns and target modules; a1 and a4 have equal ranks per module (factor-avg needs that).
+ADAPTERS = {
+    "a1": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"v_proj": 2}),
+    "a2": dict(
+        r=8,
+        lora_alpha=4,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "down_proj"],
+        alpha_pattern={"k_proj": 16},
+    ),
+    "a3": dict(r=2, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "o_proj", "up_proj"]),
+    "a4": dict(
+        r=4,
+        lora_alpha=3,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "gate_proj"],
+        rank_pattern={"v_proj": 2},
+    ),
+}
+WEIGHTS = (0.7, 0.4, -0.5)
+FULL = 64  # a rank at least every module's min(out, in): dense results are stored exactly
+PROPERTY = settings(max_examples=20, deadline=None)
+
+
+def make_adapter_dirs(root) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    paths = {}
+    for seed, (name, config) in enumerate(ADAPTERS.items(), start=1):
+        model = get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", **config))
+        randomise_lora(model, seed).save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory) -> dict:
+    return make_adapter_dirs(tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def loaded(adapter_dirs) -> dict:
+    return {name: load_adapter(path) for name, path in adapter_dirs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The definitions, written again with numpy on dense float64 updates
+
+
+def dense_updates(adapters, name):
+    """dW_i = scale_i B_i A_i of every adapter for module `name` (zeros where it lacks it)."""
+    shape = next(a.modules[name].delta().shape for a in adapters if name in a.modules)
+    return [a.modules[name].delta().numpy() if name in a.modules else np.zeros(shape) for a in adapters]
+
+
+def ref_keep_largest(delta, density):
+    flat = delta.ravel()
+    k = int(density * flat.size)
+    kept = np.zeros_like(flat)
+    order = np.argsort(-np.abs(flat), kind="stable")[:k]
+    kept[order] = flat[order]
+    return kept.reshape(delta.shape)
+
+
+def ref_ties_mean(tensors, weights):
+    """mergekit's sign election and disjoint mean, one entry at a time."""
+    result = np.zeros_like(tensors[0])
+    for index in np.ndindex(result.shape):
+        values = [w * t[index] for w, t in zip(weights, tensors)]
+        elected = 1 if sum(values) >= 0 else -1
+        agreeing = [i for i, v in enumerate(values) if v != 0 and np.sign(v) == elected]
+        divisor = sum(weights[i] for i in agreeing)
+        result[index] = sum(values[i] for i in agreeing) / (divisor if divisor != 0 else 1)
+    return result
+
+
+def ref_drop(delta, density, seed, module, index):
+    """DARE's keep mask, seeded as dare_linear.py documents."""
+    digest = hashlib.sha256(f"lrtool-dare\0{seed}\0{module}\0{index}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float64).numpy() < density
+    return np.where(keep, delta / density, 0.0)
+
+
+def ref_best_rank(matrix, k):
+    U, S, Vh = np.linalg.svd(matrix, full_matrices=False)
+    return (U[:, :k] * S[:k]) @ Vh[:k]
+
+
+def reference(method, adapters, name, weights, params):
+    deltas = dense_updates(adapters, name)
+    density = params.get("density", 0.5)
+    if method == "linear":
+        return sum(w * d for w, d in zip(weights, deltas))
+    if method == "svd":
+        return ref_best_rank(sum(w * d for w, d in zip(weights, deltas)), params["rank"])
+    if method == "factor-avg":
+        present = [a.modules[name] for a in adapters if name in a.modules]
+        A = sum(
+            w * a.modules[name].A.double().numpy() for w, a in zip(weights, adapters) if name in a.modules
+        )
+        B = sum(
+            w * a.modules[name].scale * a.modules[name].B.double().numpy()
+            for w, a in zip(weights, adapters)
+            if name in a.modules
+        )
+        assert len({m.rank for m in present}) == 1
+        return B @ A
+    if method == "ties":
+        return ref_ties_mean([ref_keep_largest(d, density) for d in deltas], weights)
+    if method == "magnitude-prune":
+        return sum(w * ref_keep_largest(d, density) for w, d in zip(weights, deltas))
+    if method in ("dare-linear", "dare-ties"):
+        dropped = [ref_drop(d, density, params["seed"], name, i) for i, d in enumerate(deltas)]
+        if method == "dare-linear":
+            return sum(w * d for w, d in zip(weights, dropped))
+        return ref_ties_mean(dropped, weights)
+    if method == "knots":
+        concatenated = np.concatenate(deltas, axis=1)
+        U, S, Vh = np.linalg.svd(concatenated, full_matrices=False)
+        k = int((S > S.max() * max(concatenated.shape) * np.finfo(float).eps).sum())
+        # V_i^T = diag(S)^-1 U^T dW_i: exactly zero for an adapter lacking the module (the SVD's own blocks
+        # of V^T hold rounding noise there, which TIES' divisor would count as entries)
+        coordinates = [(U[:, :k].T @ d) / S[:k, None] for d in deltas]
+        merged = ref_ties_mean([ref_keep_largest(v, density) for v in coordinates], weights)
+        return (U[:, :k] * S[:k]) @ merged
+    raise AssertionError(f"no reference for {method}")
+
+
+# One row per registered method: (method, adapters, parameters). A new method needs a row here.
+ROWS = [
+    ("linear", ("a1", "a2", "a3"), {}),
+    ("svd", ("a1", "a2", "a3"), {"rank": 3}),
+    ("factor-avg", ("a1", "a4"), {}),
+    ("ties", ("a1", "a2", "a3"), {"density": 0.3, "rank": FULL}),
+    ("dare-linear", ("a1", "a2", "a3"), {"density": 0.6, "seed": 7, "rank": FULL}),
+    ("dare-ties", ("a1", "a2", "a3"), {"density": 0.6, "seed": 7, "rank": FULL}),
+    ("magnitude-prune", ("a1", "a2", "a3"), {"density": 0.4, "rank": FULL}),
+    ("knots", ("a1", "a2", "a3"), {"density": 0.5}),
+]
+
+
+def test_every_registered_method_has_a_row():
+    assert [row[0] for row in ROWS] == list(REGISTRY)
+
+
+def assert_update_close(ours, theirs, rtol=1e-5):
+    """Equal up to float32 storage: relative to the update's largest entry."""
+    theirs = torch.as_tensor(theirs, dtype=torch.float64)
+    ours = torch.as_tensor(ours, dtype=torch.float64)
+    scale = max(theirs.abs().max().item(), 1e-12)
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("method, names, params", ROWS, ids=[row[0] for row in ROWS])
+def test_peft_applies_exactly_the_methods_definition(method, names, params, adapter_dirs, loaded, tmp_path):
+    from peft import PeftModel
+
+    adapters = [loaded[n] for n in names]
+    weights = WEIGHTS[: len(names)]
+    result = plan_merge(adapters, method, weights=weights, **params).to_adapter()
+    result.save(tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is False
+    layers = peft_layers(PeftModel.from_pretrained(tiny_llama(), tmp_path / "merged"))
+    assert set(layers) == set().union(*(a.modules for a in adapters))
+    for name, layer in layers.items():
+        expected = reference(method, adapters, name, weights, params)
+        assert np.isfinite(expected).all() and np.abs(expected).max() > 0
+        assert_update_close(layer.get_delta_weight("default"), expected)
+        row = result.report["modules"][name]
+        assert row["error"] < 1e-6 and row["rank"] == layer.r["default"]
+
+
+def test_linear_stores_concatenated_factors_of_rank_sum(loaded):
+    adapters = [loaded["a1"], loaded["a2"], loaded["a3"]]
+    result = plan_merge(adapters, "linear", weights=WEIGHTS).to_adapter()
+    q0 = "model.layers.0.self_attn.q_proj"
+    assert result.adapter.modules[q0].rank == 4 + 8 + 2
+    assert result.adapter.modules["model.layers.0.self_attn.k_proj"].rank == 8  # only a2 has k_proj
+    assert {m.scale for m in result.adapter.modules.values()} == {1.0}
+    assert result.report["summary"]["exact_modules"] == len(result.adapter.modules)
+
+
+def test_a_dense_result_below_full_rank_is_its_truncated_svd_and_the_receipt_says_how_far(loaded):
+    adapters = [loaded["a1"], loaded["a2"]]
+    result = plan_merge(adapters, "ties", weights=(1.0, 1.0), density=0.5, rank=2).to_adapter()
+    for name, module in result.adapter.modules.items():
+        exact = reference("ties", adapters, name, (1.0, 1.0), {"density": 0.5})
+        assert module.rank == 2
+        assert_update_close(module.delta(), ref_best_rank(exact, 2))
+        error = np.linalg.norm(exact - ref_best_rank(exact, 2)) / np.linalg.norm(exact)
+        assert result.report["modules"][name]["error"] == pytest.approx(error, rel=1e-4)
+    assert any("below their full rank" in note for note in result.report["notes"])
+
+
+def test_dense_methods_default_to_the_largest_input_rank_per_module(loaded):
+    result = plan_merge([loaded["a1"], loaded["a3"]], "magnitude-prune").to_adapter()
+    assert result.adapter.modules["model.layers.0.self_attn.q_proj"].rank == 4
+    assert result.adapter.modules["model.layers.0.self_attn.v_proj"].rank == 2  # a1's rank_pattern
+    assert result.adapter.modules["model.layers.0.self_attn.o_proj"].rank == 2  # only a3
+
+
+def test_svd_drops_exactly_the_tail_of_the_linear_spectrum(loaded):
+    adapters = [loaded["a1"], loaded["a2"]]
+    result = plan_merge(adapters, "svd", weights=(0.5, 0.5), rank=3).to_adapter()
+    q0 = "model.layers.0.self_attn.q_proj"
+    linear = reference("linear", adapters, q0, (0.5, 0.5), {})
+    S = np.linalg.svd(linear, compute_uv=False)
+    tail = math.sqrt((S[3:] ** 2).sum() / (S**2).sum())
+    assert result.report["modules"][q0]["from_linear"] == pytest.approx(tail, rel=1e-5)
+
+
+def test_factor_avg_receipt_says_how_far_it_is_from_the_average_of_the_updates(loaded):
+    adapters = [loaded["a1"], loaded["a4"]]
+    result = plan_merge(adapters, "factor-avg").to_adapter()
+    for name, row in result.report["modules"].items():
+        ours = reference("factor-avg", adapters, name, (0.5, 0.5), {})
+        linear = reference("linear", adapters, name, (0.5, 0.5), {})
+        assert row["from_linear"] == pytest.approx(
+            np.linalg.norm(ours - linear) / np.linalg.norm(linear), 1e-4
+        )
+    assert result.report["summary"]["from_linear_mean"] > 0.1
+
+
+def test_factor_avg_refuses_unequal_ranks(loaded):
+    with pytest.raises(IncompatibleError, match="factor-avg needs equal ranks: module '.*q_proj' has rank 4"):
+        plan_merge([loaded["a1"], loaded["a2"]], "factor-avg")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against peft's add_weighted_adapter, where peft is right
+
+
+def peft_with(adapter_dirs, names):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(tiny_llama(), adapter_dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapter_dirs[name], adapter_name=name)
+    return model
+
+
+def test_linear_equals_peft_cat(adapter_dirs, loaded):
+    names = ["a1", "a2", "a3"]  # a1 first: peft's merged config inherits its (non-rsLoRA) scaling
+    model = peft_with(adapter_dirs, names)
+    model.add_weighted_adapter(names, list(WEIGHTS), "cat", combination_type="cat")
+    ours = plan_merge([loaded[n] for n in names], "linear", weights=WEIGHTS).to_adapter().adapter
+    for name, layer in peft_layers(model).items():
+        assert_update_close(ours.modules[name].delta(), layer.get_delta_weight("cat"))
+
+
+def test_peft_cat_is_off_by_sqrt_r_when_the_first_adapter_uses_rslora(adapter_dirs, loaded):
+    """The trap lrtool avoids: peft's merged adapter inherits use_rslora and scales by r / sqrt(r)."""
+    names = ["a2", "a1", "a3"]
+    model = peft_with(adapter_dirs, names)
+    model.add_weighted_adapter(names, [0.4, 0.7, -0.5], "cat", combination_type="cat")
+    ours = plan_merge([loaded[n] for n in names], "linear", weights=(0.4, 0.7, -0.5)).to_adapter().adapter
+    q0 = "model.layers.0.self_attn.q_proj"
+    theirs = peft_layers(model)[q0].get_delta_weight("cat")
+    assert_update_close(theirs, math.sqrt(8 + 4 + 2) * ours.modules[q0].delta())
+
+
+def test_svd_equals_peft_svd(adapter_dirs, loaded):
+    names = ["a1", "a2", "a3"]
+    model = peft_with(adapter_dirs, names)
+    model.add_weighted_adapter(names, list(WEIGHTS), "svd", combination_type="svd", svd_rank=3)
+    ours = plan_merge([loaded[n] for n in names], "svd", weights=WEIGHTS, rank=3).to_adapter().adapter
+    for name, layer in peft_layers(model).items():
+        assert_update_close(ours.modules[name].delta(), layer.get_delta_weight("svd"), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry, parameters, weights
+
+
+def test_registry_lists_names_without_importing_the_methods():
+    assert list(REGISTRY) == [
+        "linear",
+        "svd",
+        "factor-avg",
+        "ties",
+        "dare-linear",
+        "dare-ties",
+        "magnitude-prune",
+        "knots",
+    ]
+    assert all(get(name).name == name for name in REGISTRY)
+    with pytest.raises(UsageError, match="unknown merge method 'avg'; choose one of: linear, svd"):
+        get("avg")
+
+
+def test_list_describes_every_method_with_its_parameters():
+    descriptions = {d["name"]: d for d in describe_methods()}
+    assert descriptions["linear"]["parameters"] == {}
+    assert descriptions["ties"]["parameters"]["density"]["default"] == 0.5
+    assert set(descriptions["dare-ties"]["parameters"]) == {"density", "seed", "rank"}
+    assert all(d["summary"] for d in descriptions.values())
+
+
+@pytest.mark.parametrize(
+    "method, params, message",
+    [
+        ("linear", {"rank": 4}, "--rank does not apply to method linear"),
+        ("ties", {"seed": 1}, "--seed does not apply to method ties"),
+        ("ties", {"density": 0.0}, "--density must be in (0, 1]"),
+        ("ties", {"density": 1.5}, "--density must be in (0, 1]"),
+        ("svd", {"rank": 0}, "--rank must be at least 1"),
+    ],
+)
+def test_parameters_a_method_does_not_take_or_out_of_range_are_usage_errors(loaded, method, params, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan_merge([loaded["a1"], loaded["a2"]], method, **params)
+
+
+def test_weights_default_to_the_average_and_must_match_the_adapters():
+    assert parse_weights(None, 3) is None
+    assert parse_weights("1,-0.5", 2) == (1.0, -0.5)
+    with pytest.raises(UsageError, match="--weights has 3 values for 2 adapters"):
+        parse_weights("1,2,3", 2)
+    with pytest.raises(UsageError, match="comma-separated numbers"):
+        parse_weights("1,x", 2)
+    with pytest.raises(UsageError, match="finite"):
+        parse_weights("1,nan", 2)
+
+
+def test_negative_weights_with_a_normalising_method_get_a_note(loaded):
+    plan = plan_merge([loaded["a1"], loaded["a2"]], "ties", weights=(1.0, -1.0))
+    assert any("does not negate" in note for note in plan.notes)
+
+
+@PROPERTY
+@given(
+    values=st.lists(st.integers(-3, 3), min_size=1, max_size=40),
+    density=st.floats(0.01, 1.0),
+)
+def test_keep_largest_keeps_the_largest_entries_earlier_ones_first_among_equals(values, density):
+    from lrtool.merge.magnitude_prune import keep_largest
+
+    delta = torch.tensor(values, dtype=torch.float64).reshape(1, -1)
+    assert np.array_equal(keep_largest(delta, density).numpy(), ref_keep_largest(delta.numpy(), density))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Properties, on random hand-made adapters
+
+
+@st.composite
+def adapter_sets(draw):
+    """2-3 adapters over modules m0..m2 of random shapes; each adapter holds a random non-empty subset."""
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    shapes = [(draw(st.integers(2, 6)), draw(st.integers(2, 6))) for _ in range(3)]
+    adapters = []
+    for _ in range(draw(st.integers(2, 3))):
+        held = draw(st.lists(st.sampled_from(range(3)), min_size=1, max_size=3, unique=True))
+        modules = {}
+        for m in held:
+            rank = draw(st.integers(1, 3))
+            modules[f"m{m}"] = LoraModule(
+                A=torch.randn(rank, shapes[m][1], generator=generator),
+                B=torch.randn(shapes[m][0], rank, generator=generator),
+                scale=draw(st.sampled_from([0.5, 1.0, 2 / math.sqrt(3)])),
+            )
+        adapters.append(Adapter(modules=modules))
+    weights = tuple(draw(st.lists(st.sampled_from([-1.0, -0.3, 0.25, 0.5, 1.5]), min_size=3, max_size=3)))
+    return adapters, weights[: len(adapters)]
+
+
+def exact(adapters, method, weights, **params):
+    plan = plan_merge(adapters, method, weights=weights, **params)
+    return {name: plan.exact(name).to_dense() for name in plan.inputs}
+
+
+def same_ranks(adapters) -> bool:
+    names = {n for a in adapters for n in a.modules}
+    return all(len({a.modules[n].rank for a in adapters if n in a.modules}) == 1 for n in names)
+
+
+@pytest.mark.parametrize("method", list(REGISTRY))
+@PROPERTY
+@given(data=adapter_sets())
+def test_merging_one_adapter_with_weight_one_returns_it(method, data):
+    adapter = data[0][0]
+    params = {}
+    if get(method).parameter("density") is not None:
+        params["density"] = 1.0  # keep every entry
+    if get(method).parameter("rank") is not None:
+        params["rank"] = 10  # above every module's rank: stored exactly
+    result = plan_merge([adapter], method, weights=(1.0,), **params).to_adapter()
+    for name, module in adapter.modules.items():
+        assert_update_close(result.adapter.modules[name].delta(), module.delta())
+
+
+@pytest.mark.parametrize("method", list(REGISTRY))
+@PROPERTY
+@given(data=adapter_sets(), factor=st.sampled_from([-2.0, 0.5, 3.0]))
+def test_weights_scale_the_result_as_the_definition_says(method, data, factor):
+    """Weighted sums scale linearly; TIES' disjoint mean ignores a positive scale of positive weights;
+    factor-avg goes as c^2."""
+    adapters, weights = data
+    if method == "factor-avg" and not same_ranks(adapters):
+        return
+    normalised = get(method).divides_by_weights
+    if normalised:  # with mixed signs the agreeing weights can sum to 0, where the divisor becomes 1
+        factor, weights = abs(factor), tuple(abs(w) for w in weights)
+    one = exact(adapters, method, weights)
+    scaled = exact(adapters, method, tuple(factor * w for w in weights))
+    expected = 1.0 if normalised else factor**2 if method == "factor-avg" else factor
+    for name in one:
+        assert_update_close(scaled[name], expected * one[name], rtol=1e-7)
+
+
+@pytest.mark.parametrize("method", [m for m in REGISTRY if not m.startswith("dare")])
+@PROPERTY
+@given(data=adapter_sets())
+def test_the_order_of_the_adapters_does_not_matter(method, data):
+    """(DARE draws its masks per adapter index, so its result depends on the order by design.)"""
+    adapters, weights = data
+    if method == "factor-avg" and not same_ranks(adapters):
+        return
+    forward = exact(adapters, method, weights)
+    backward = exact(adapters[::-1], method, weights[::-1])
+    for name in forward:
+        assert_update_close(backward[name], forward[name], rtol=1e-7)
