@@ -3,13 +3,15 @@
 complete -c lrtool -f  # file names only where a value or an argument is one
 
 # lrtool
-complete -c lrtool -n 'not __fish_seen_subcommand_from train gen-data' -a train -d 'Train a LoRA (or, with --full, every weight) of a causal LM on JSONL prompt/answer datasets.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train gen-data' -a gen-data -d 'Generate synthetic datasets whose test sets need composition.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train gen-data' -s q -l quiet -d 'Print nothing but data and errors.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train gen-data' -s v -l verbose -d 'Log more detail to stderr.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train gen-data' -l debug -d 'Show tracebacks (also LRTOOL_DEBUG=1).'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train gen-data' -l version -d 'Print the version and exit.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train gen-data' -s h -l help -d 'Show this message and exit.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -a train -d 'Train a LoRA (or, with --full, every weight) of a causal LM on JSONL prompt/answer datasets.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -a merge -d 'Merge LoRA adapters into one adapter, or into a base model\'s weights, exactly as each method defines.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -a diagnose -d 'Check LoRA adapters before using or merging them: intact, format, fit to a base, spectra, interference.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -a gen-data -d 'Generate synthetic datasets whose test sets need composition.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -s q -l quiet -d 'Print nothing but data and errors.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -s v -l verbose -d 'Log more detail to stderr.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -l debug -d 'Show tracebacks (also LRTOOL_DEBUG=1).'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -l version -d 'Print the version and exit.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -s h -l help -d 'Show this message and exit.'
 
 # lrtool train
 complete -c lrtool -n '__fish_seen_subcommand_from train' -l base -r -F -d 'Base model: a Hugging Face model directory, a hub id, or tiny / tiny:PRESET (micro, tiny, small, base) for a new Llama made here.'
@@ -48,6 +50,32 @@ complete -c lrtool -n '__fish_seen_subcommand_from train' -s q -l quiet -d 'Prin
 complete -c lrtool -n '__fish_seen_subcommand_from train' -s v -l verbose -d 'Log more detail to stderr.'
 complete -c lrtool -n '__fish_seen_subcommand_from train' -s h -l help -d 'Show this message and exit.'
 complete -c lrtool -n '__fish_seen_subcommand_from train' -F
+
+# lrtool merge
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -s o -l out -r -F -d 'Output directory (printed on stdout).'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l method -x -a 'linear svd factor-avg ties dare-linear dare-ties magnitude-prune knots' -d 'Merge method (see --list).'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l weights -r -F -d 'One weight per adapter (default: 1/N each); negative weights negate.'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -s r -l rank -x -d 'svd: the rank kept; dense methods and knots: the rank the result is stored at (default: per module, the largest input rank; knots: exact).'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l density -x -d 'ties, dare-*, magnitude-prune, knots: fraction of entries kept, in (0, 1] (default 0.5).'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l seed -x -d 'dare-*: seed of the drop masks (default 0).'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l into-base -r -F -d 'Add the exact update to this Hugging Face model directory\'s weights and write the whole model instead of an adapter.'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l list -d 'Print the methods as JSON lines (name, summary, parameters) and exit.'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l force -d 'Replace an existing output.'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -s q -l quiet -d 'Print nothing but data and errors.'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -s v -l verbose -d 'Log more detail to stderr.'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -s h -l help -d 'Show this message and exit.'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -F
+
+# lrtool diagnose
+complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l base -r -F -d 'A local Hugging Face model directory: report modules it lacks or shapes it disagrees with, and relative_norm = ||dW|| / ||W||.'
+complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l fail-on -x -a 'error warning' -d 'Exit 3, after writing the report, when a finding is at or above this severity.'
+complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l table -d 'Also print a summary table to stderr.'
+complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l plot -r -F -d 'Draw the spectra and the pairwise cosine matrix (needs matplotlib).'
+complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l force -d 'Replace an existing output.'
+complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -s q -l quiet -d 'Print nothing but data and errors.'
+complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -s v -l verbose -d 'Log more detail to stderr.'
+complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -s h -l help -d 'Show this message and exit.'
+complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -F
 
 # lrtool gen-data
 complete -c lrtool -n '__fish_seen_subcommand_from gen-data; and not __fish_seen_subcommand_from two-hop math' -a two-hop -d 'Two-hop knowledge: "A\'s mentor is B", "B was born in C", and "where was A\'s mentor born?".'

@@ -16,6 +16,8 @@ _lrtool() {
     (command)
       local -a commands=(
         'train:Train a LoRA (or, with --full, every weight) of a causal LM on JSONL prompt/answer datasets.'
+        'merge:Merge LoRA adapters into one adapter, or into a base model'\''s weights, exactly as each method defines.'
+        'diagnose:Check LoRA adapters before using or merging them: intact, format, fit to a base, spectra, interference.'
         'gen-data:Generate synthetic datasets whose test sets need composition.'
       )
       _describe -t commands 'lrtool command' commands && ret=0
@@ -24,6 +26,8 @@ _lrtool() {
       curcontext=${curcontext%:*:*}:lrtool-$words[1]:
       case $words[1] in
         (train) _lrtool_train && ret=0 ;;
+        (merge) _lrtool_merge && ret=0 ;;
+        (diagnose) _lrtool_diagnose && ret=0 ;;
         (gen-data) _lrtool_gen_data && ret=0 ;;
       esac
       ;;
@@ -69,6 +73,36 @@ _lrtool_train() {
     '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
     '(-h --help)'{-h,--help}'[Show this message and exit.]' \
     '*:DATA.jsonl...:_files'
+}
+
+_lrtool_merge() {
+  _arguments -s -S \
+    '(-o --out)'{-o+,--out=}'[Output directory (printed on stdout).]:DIR:_files' \
+    '--method=[Merge method (see --list).]:METHOD:(linear svd factor-avg ties dare-linear dare-ties magnitude-prune knots)' \
+    '--weights=[One weight per adapter (default\: 1/N each); negative weights negate.]:W1,W2,...:_files' \
+    '(-r --rank)'{-r+,--rank=}'[svd\: the rank kept; dense methods and knots\: the rank the result is stored at (default\: per module, the largest input rank; knots\: exact).]:INT: ' \
+    '--density=[ties, dare-*, magnitude-prune, knots\: fraction of entries kept, in (0, 1\] (default 0.5).]:FLOAT: ' \
+    '--seed=[dare-*\: seed of the drop masks (default 0).]:INT: ' \
+    '--into-base=[Add the exact update to this Hugging Face model directory'\''s weights and write the whole model instead of an adapter.]:BASE:_files' \
+    '--list[Print the methods as JSON lines (name, summary, parameters) and exit.]' \
+    '--force[Replace an existing output.]' \
+    '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
+    '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
+    '(-h --help)'{-h,--help}'[Show this message and exit.]' \
+    '*:ADAPTER:_files'
+}
+
+_lrtool_diagnose() {
+  _arguments -s -S \
+    '--base=[A local Hugging Face model directory\: report modules it lacks or shapes it disagrees with, and relative_norm = ||dW|| / ||W||.]:DIR:_files' \
+    '--fail-on=[Exit 3, after writing the report, when a finding is at or above this severity.]:SEVERITY:(error warning)' \
+    '--table[Also print a summary table to stderr.]' \
+    '--plot=[Draw the spectra and the pairwise cosine matrix (needs matplotlib).]:FILE.png:_files' \
+    '--force[Replace an existing output.]' \
+    '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
+    '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
+    '(-h --help)'{-h,--help}'[Show this message and exit.]' \
+    '*:ADAPTER...:_files'
 }
 
 _lrtool_gen_data() {

@@ -621,6 +621,306 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+# ---------------------------------------------------------------------------------------------- merge
+
+
+def _merge_method_names() -> tuple[str, ...]:
+    from lrtool.merge import REGISTRY  # the names only: importing the registry imports no torch
+
+    return tuple(REGISTRY)
+
+
+MergeMethod = _split_enum("MergeMethod", _merge_method_names())
+
+
+@app.command(
+    "merge",
+    epilog="Examples:\n\n"
+    "  lrtool merge hop1/ hop2/ --method linear -o merged/\n\n"
+    "  lrtool merge a/ b/ c/ --method svd --rank 16 -o abc-svd/\n\n"
+    "  lrtool merge a/ b/ --method ties --density 0.3 --weights 1,0.5 -o ab-ties/\n\n"
+    "  lrtool merge base-task/ toxic/ --method linear --weights 1,-1 -o detoxified/\n\n"
+    "  lrtool merge a/ b/ --method dare-ties --seed 3 --into-base base/ -o merged-model/\n\n"
+    "  lrtool merge --list | jq -r .name",
+)
+def merge_command(
+    adapters: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="ADAPTER",
+            help="Adapters to merge: PEFT directories or kohya / diffusers .safetensors files.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        str | None,
+        _opt("--out", "-o", metavar="DIR", help="Output directory (printed on stdout).", show_default=False),
+    ] = None,
+    method: Annotated[
+        MergeMethod | None, _opt("--method", help="Merge method (see --list).", show_default=False)
+    ] = None,
+    weights: Annotated[
+        str | None,
+        _opt(
+            "--weights",
+            metavar="W1,W2,...",
+            help="One weight per adapter (default: 1/N each); negative weights negate.",
+            show_default=False,
+        ),
+    ] = None,
+    rank: Annotated[
+        int | None,
+        _opt(
+            "--rank",
+            "-r",
+            min=1,
+            help="svd: the rank kept; dense methods and knots: the rank the result is stored at "
+            "(default: per module, the largest input rank; knots: exact).",
+            show_default=False,
+        ),
+    ] = None,
+    density: Annotated[
+        float | None,
+        _opt(
+            "--density",
+            help="ties, dare-*, magnitude-prune, knots: fraction of entries kept, in (0, 1] (default 0.5).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        _opt("--seed", help="dare-*: seed of the drop masks (default 0).", show_default=False),
+    ] = None,
+    into_base: Annotated[
+        str | None,
+        _opt(
+            "--into-base",
+            metavar="BASE",
+            help="Add the exact update to this Hugging Face model directory's weights and write the "
+            "whole model instead of an adapter.",
+            show_default=False,
+        ),
+    ] = None,
+    list_methods: Annotated[
+        bool, _opt("--list", help="Print the methods as JSON lines (name, summary, parameters) and exit.")
+    ] = False,
+    force: Force = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Merge LoRA adapters into one adapter, or into a base model's weights, exactly as each method defines.
+
+    Takes any mix of ranks, alphas, rsLoRA and target modules; a module an adapter lacks counts as zero
+    there. Writes a PEFT directory (with --into-base, a Hugging Face model directory), merge_report.json (per
+    module the relative error of what was stored against the method's exact result) and lrtool.json, and
+    prints its path. Dense methods (ties, dare-*, magnitude-prune) are stored by truncated SVD at --rank.
+    The same inputs and seed give the same bytes.
+    """
+    _configure_logging(quiet, verbose)
+    import time
+
+    from lrtool import merge as merging
+
+    if list_methods:
+        if adapters or out or method:
+            raise UsageError("--list takes no adapters, -o or --method")
+        for description in merging.describe_methods():
+            print(io.dumps_line(description))
+        return
+    if not adapters:
+        raise UsageError("give the adapters to merge (or --list to see the methods)")
+    if out is None:
+        raise UsageError("give -o DIR, the output directory")
+    if method is None:
+        raise UsageError(f"give --method, one of: {', '.join(merging.REGISTRY)}")
+    parsed_weights = merging.parse_weights(weights, len(adapters))
+    io.check_output_free(out, force)
+    started = time.perf_counter()
+    plan = merging.prepare(adapters, method.value, parsed_weights, rank, density, seed, into_base)
+    with io.atomic_output_dir(out, force) as tmp:
+        report = plan.write(tmp)
+        inputs = {item["path"]: item["sha256"] for item in report["inputs"]}  # hashed once, for the receipt
+        if into_base:
+            inputs[into_base] = report["into_base"]["sha256"]
+        io.write_manifest(
+            tmp, ["lrtool", *SESSION.argv], plan.settings.seed, inputs=inputs, extra={"method": method.value}
+        )
+    for line in merging.summary_lines(report):
+        log.info("%s", line)
+    log.info("wrote %s in %.1f s", out, time.perf_counter() - started)
+    print(out)
+
+
+# ---------------------------------------------------------------------------------------------- diagnose
+class FailOn(str, Enum):
+    error = "error"
+    warning = "warning"
+
+
+def _diagnose_epilog() -> str:
+    """The finding codes and exit statuses, from lrtool.diagnose's table (it imports no torch)."""
+    from lrtool.diagnose import FINDINGS
+
+    findings = "\n".join(f"- {code} ({severity}): {meaning}" for code, severity, meaning in FINDINGS)
+    return (
+        "Findings (code, severity, meaning):\n\n"
+        f"{findings}\n\n"
+        "Exit status: 0 the report was written, whatever it found; 3 the report was written and a finding "
+        "is at or above --fail-on; 1 diagnose could not run (no adapters, an unreadable --base, --plot "
+        "without matplotlib); 2 a usage error.\n\n"
+        "Examples:\n\n"
+        "  lrtool diagnose downloaded-lora/ --table\n\n"
+        "  lrtool diagnose hop1/ hop2/ --base base/ --fail-on error > diagnosis.json\n\n"
+        "  lrtool diagnose lora.safetensors | jq '.adapters[0].findings'\n\n"
+        "  find adapters/ -name adapter_config.json | lrtool diagnose - --plot spectra.png"
+    )
+
+
+@app.command("diagnose", epilog=_diagnose_epilog())
+def diagnose_command(
+    adapters: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="ADAPTER...",
+            help="PEFT directories or LoRA .safetensors files (PEFT, kohya, diffusers naming); '-' reads "
+            "their paths from stdin, one a line.",
+            show_default=False,
+        ),
+    ],
+    base: Annotated[
+        str | None,
+        _opt(
+            "--base",
+            metavar="DIR",
+            help="A local Hugging Face model directory: report modules it lacks or shapes it disagrees "
+            "with, and relative_norm = ||dW|| / ||W||. Reads the safetensors headers and only the weights "
+            "the adapters touch.",
+            show_default=False,
+        ),
+    ] = None,
+    fail_on: Annotated[
+        FailOn | None,
+        _opt(
+            "--fail-on",
+            metavar="SEVERITY",
+            help="Exit 3, after writing the report, when a finding is at or above this severity.",
+            show_default=False,
+        ),
+    ] = None,
+    table: Annotated[bool, _opt("--table", help="Also print a summary table to stderr.")] = False,
+    plot: Annotated[
+        str | None,
+        _opt(
+            "--plot",
+            metavar="FILE.png",
+            help="Draw the spectra and the pairwise cosine matrix (needs matplotlib).",
+            show_default=False,
+        ),
+    ] = None,
+    force: Force = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Check LoRA adapters before using or merging them: intact, format, fit to a base, spectra, interference.
+
+    Prints one JSON report on stdout, keys sorted, floats to 6 significant digits. adapters: one entry per
+    input (path, format, base, rank, alpha, rslora, dtype, size_bytes, norm, refused: why merge would refuse
+    it, modules, findings). pairs: one entry per pair of inputs. counts: findings by severity. thresholds.
+
+    Per module: the norm and all r singular values of dW = scale * B @ A, its effective rank (exp of the
+    entropy of s_i / sum s), stable rank (sum s^2 / s_1^2), top_energy (s_1^2 / sum s^2) and, with --base,
+    relative_norm. All come from the factors (QR of A and B, SVD of the r x r core), never a dense dW, so a
+    7B-sized adapter takes seconds.
+
+    Per pair: the cosine of the whole updates (every module's dW concatenated, missing ones as zero) and per
+    module; column_overlap and row_overlap, the mean squared cosine of the principal angles between the
+    updates' column (row) spaces; sign_conflict, the TIES sign-conflict rate (entries of the dense updates,
+    among those non-zero in both, whose signs differ); factor_avg_error, the relative error of averaging A
+    and B separately against the exact average of the updates (over common modules of equal rank); and a
+    verdict: low, moderate or high interference.
+
+    A file that cannot be read is a finding (unreadable), not a failure: every other input is reported.
+    """
+    _configure_logging(quiet, verbose)
+    from lrtool import diagnose as diagnosis
+    from lrtool.errors import QualityGateError
+
+    paths = []
+    for adapter in adapters:
+        lines = sys.stdin.read().splitlines() if adapter == io.STDIO else [adapter]
+        paths += [line.strip() for line in lines if line.strip()]
+    if plot is not None:
+        diagnosis.check_plot_available()
+        io.check_output_free(plot, force)
+    report = diagnosis.diagnose(paths, base)
+    sys.stdout.write(io.dumps_report(report))
+    sys.stdout.flush()
+    if table:
+        _diagnose_table(report)
+    if plot is not None:
+        with io.atomic_output_file(plot, force, mode="wb") as handle:
+            diagnosis.write_plot(report, handle)
+        log.info("wrote %s", plot)
+    counts = report["counts"]
+    log.info(
+        "diagnosed %d adapters; findings: %s", len(paths), ", ".join(f"{n} {s}" for s, n in counts.items())
+    )
+    failing = diagnosis.at_or_above(report, fail_on.value) if fail_on else []
+    if failing:
+        first = failing[0]
+        where = f" ({first['module']})" if first["module"] else ""
+        raise QualityGateError(
+            f"{len(failing)} finding(s) at or above {fail_on.value}, first {first['code']}{where}: "
+            f"{first['message']}"
+        )
+
+
+def _diagnose_table(report: dict) -> None:
+    """The report for people, on stderr: one row per adapter with its findings, then one per pair."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from lrtool.diagnose import summary_rows
+
+    def number(value) -> str:
+        return "-" if value is None else str(value) if isinstance(value, int) else f"{value:.3g}"
+
+    styles = {"error": "bold red", "warning": "yellow", "info": "dim"}
+    adapters = Table(title="lrtool diagnose", title_justify="left")
+    adapters.add_column("#", justify="right")
+    adapters.add_column("adapter", overflow="fold")
+    adapters.add_column("format")
+    for column in ("rank", "alpha", "modules", "norm"):
+        adapters.add_column(column, justify="right")
+    adapters.add_column("findings")
+    for n, row in enumerate(summary_rows(report), start=1):
+        findings = Text()
+        for severity, code, count in row["findings"]:
+            findings.append(f"{code}{f' x{count}' if count > 1 else ''} ", style=styles[severity])
+        cells = map(number, (row["rank"], row["alpha"], row["modules"], row["norm"]))
+        adapters.add_row(str(n), row["path"], row["format"], *cells, findings or Text("ok", "green"))
+    console = _stderr_console()
+    console.print(adapters)
+    if report["pairs"]:
+        pairs = Table(title="pairs (by #)", title_justify="left")
+        for column in ("a", "b", "cosine", "overlap c/r", "signs differ", "factor-avg error"):
+            pairs.add_column(column, justify="right", max_width=10)
+        pairs.add_column("verdict", ratio=1)
+        count = len(report["adapters"])
+        numbers = [(i, j) for i in range(1, count + 1) for j in range(i + 1, count + 1)]  # diagnose's order
+        for (i, j), pair in zip(numbers, report["pairs"]):
+            pairs.add_row(
+                str(i),
+                str(j),
+                number(pair["cosine"]),
+                f"{number(pair['column_overlap'])}/{number(pair['row_overlap'])}",
+                number(pair["sign_conflict"]),
+                number(pair["factor_avg_error"]),
+                pair["verdict"],
+            )
+        console.print(pairs)
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 

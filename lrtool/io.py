@@ -172,14 +172,17 @@ def write_manifest(
 ) -> Path:
     """Write lrtool.json into an output directory: version, command line, seed, sha256 of each input.
 
-    `extra` adds verb-specific facts (a dataset's config, a merge's method); it cannot hide the four above.
+    `inputs` are paths, or a mapping of path -> sha256 the caller already computed (large inputs are not
+    hashed twice). `extra` adds verb-specific facts (a dataset's config, a merge's method); it cannot hide
+    the four above.
     """
+    hashes = dict(inputs) if isinstance(inputs, dict) else {str(p): sha256_path(p) for p in inputs}
     manifest = {
         **(extra or {}),
         "lrtool": __version__,
         "command": command,
         "seed": seed,
-        "inputs": {str(p): sha256_path(p) for p in inputs},
+        "inputs": hashes,
     }
     target = Path(directory) / MANIFEST
     target.write_text(dumps_report(manifest), encoding="utf-8")
