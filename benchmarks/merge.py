@@ -190,7 +190,7 @@ def bench_linear(tmp: Path) -> None:
     verdict = "met" if merged / copied <= 2 else "MISSED"
     print(
         f"   ratio: {merged / copied:.1f}x a plain copy (target within 2x: {verdict}); the receipt's float64 "
-        f"error of every module and the sha256 of the inputs (receipt and lrtool.json) take "
+        f"error of every module and the sha256 of the inputs (once, for the receipt and lrtool.json) take "
         f"{merged - bare:.2f}s of it"
     )
 

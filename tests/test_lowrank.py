@@ -39,3 +39,13 @@ def test_stacked_factors_represent_the_sum_of_updates():
 def test_the_distance_between_identical_updates_is_zero_to_float64_precision():
     B, A = factors(out=300, inp=200, r=8, seed=5)
     assert lowrank.distance(B, A, B.clone(), A.clone()) < 1e-12 * lowrank.norm(B, A)
+
+
+def test_the_distance_to_a_float32_copy_is_measured_at_its_true_size():
+    B, A = factors(out=400, inp=300, r=8, seed=6)
+    B32, A32 = B.float().double(), A.float().double()
+    dense = float((B @ A - B32 @ A32).norm())
+    assert abs(lowrank.distance(B, A, B32, A32) - dense) < 1e-3 * dense
+    B3, A3 = factors(out=400, inp=300, r=5, seed=7)  # unequal ranks: the stacked form
+    dense = float((B @ A - B3 @ A3).norm())
+    assert abs(lowrank.distance(B, A, B3, A3) - dense) < 1e-9 * dense
