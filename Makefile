@@ -38,7 +38,11 @@ demo: $(STAMP)
 	done
 	$(LRTOOL) train $(DEMO)/world/hop1.jsonl $(DEMO)/world/hop2.jsonl --base $(DEMO)/base \
 		--until-accuracy 0.95 --seed $(SEED) -o $(DEMO)/multitask --force
-	@echo "== The merge and eval verbs that turn this into the paper's experiment come in later issues."
+	$(LRTOOL) merge $(DEMO)/hop1 $(DEMO)/hop2 --method factor-avg -o $(DEMO)/merged-factor-avg --force
+	$(LRTOOL) merge $(DEMO)/hop1 $(DEMO)/hop2 --method linear --weights 1,1 -o $(DEMO)/merged-sum --force
+	$(LRTOOL) diagnose $(DEMO)/hop1 $(DEMO)/hop2 $(DEMO)/direct --base $(DEMO)/base --table \
+		> $(DEMO)/diagnosis.json
+	@echo "== The eval verb that scores base, experts and merges on the two-hop questions comes in a later issue."
 
 docs: $(STAMP)
 	$(PY) -m lrtool.docs .
