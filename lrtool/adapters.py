@@ -164,36 +164,41 @@ def _read(path: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a readable safetensors file ({_one_line(error)})") from error
 
 
-# How each naming family writes the two factors; `role` A / down is [r, in], B / up is [out, r].
-_PEFT_FACTOR = re.compile(r"(?P<module>.+?)\.lora_(?P<role>A|B)(?:\.(?P<adapter>[^.]+))?\.weight")
-_KOHYA_FACTOR = re.compile(r"(?P<module>.+)\.lora_(?P<role>down|up)\.weight")
-_DIFFUSERS_FACTOR = re.compile(r"(?P<module>.+)\.(?:lora|lora_linear_layer)\.(?P<role>down|up)\.weight")
-_ALPHA = re.compile(r"(?P<module>.+)\.alpha")
-_ROLES = {"A": "A", "down": "A", "B": "B", "up": "B"}
+# The key grammar, public because diagnose reads files this module refuses. How each naming family writes
+# the two factors; `role` A / down is [r, in], B / up is [out, r].
+PEFT_FACTOR_KEY = re.compile(r"(?P<module>.+?)\.lora_(?P<role>A|B)(?:\.(?P<adapter>[^.]+))?\.weight")
+KOHYA_FACTOR_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<role>down|up)\.weight")
+DIFFUSERS_FACTOR_KEY = re.compile(r"(?P<module>.+)\.(?:lora|lora_linear_layer)\.(?P<role>down|up)\.weight")
+FACTOR_KEYS = (("peft", PEFT_FACTOR_KEY), ("kohya", KOHYA_FACTOR_KEY), ("diffusers", DIFFUSERS_FACTOR_KEY))
+ALPHA_KEY = re.compile(r"(?P<module>.+)\.alpha")
+FACTOR_ROLES = {"A": "A", "down": "A", "B": "B", "up": "B"}
 
-# Tensors that carry more than plain LoRA, recognised by a fragment of their key, so the refusal can say what
-# they are. Checked in order; anything else that is not a LoRA factor is refused as unrecognised.
-_FEATURES_BY_KEY = (
-    ("lora_magnitude_vector", "a DoRA magnitude"),
-    ("dora_scale", "a DoRA magnitude"),
-    ("lora_embedding_", "embedding LoRA"),
-    ("modules_to_save", "a modules_to_save copy (a fully trained module)"),
-    ("token_adapter", "trainable tokens"),
-    ("trainable_tokens", "trainable tokens"),
-    ("hada_", "LoHa"),
-    ("lokr_", "LoKr"),
-    ("lora_mid", "a conv LoRA mid factor (LoCon / Tucker)"),
-    ("lora_diag", "KaSA"),
-    ("lora_velora", "VeLoRA state"),
+# Tensors that carry more than plain LoRA, recognised by a fragment of their key: (fragment, feature, what
+# the tensor is), so a refusal or a finding can say what they are. Checked in order; anything else that is
+# not a LoRA factor is refused as unrecognised.
+TENSOR_FEATURES = (
+    ("lora_magnitude_vector", "DoRA", "a DoRA magnitude"),
+    ("dora_scale", "DoRA", "a DoRA magnitude"),
+    ("lora_embedding_", "embedding LoRA", "embedding LoRA"),
+    ("modules_to_save", "modules_to_save", "a modules_to_save copy (a fully trained module)"),
+    ("token_adapter", "trainable tokens", "trainable tokens"),
+    ("trainable_tokens", "trainable tokens", "trainable tokens"),
+    ("hada_", "LoHa", "LoHa"),
+    ("lokr_", "LoKr", "LoKr"),
+    ("lora_mid", "conv LoRA", "a conv LoRA mid factor (LoCon / Tucker)"),
+    ("lora_diag", "KaSA", "KaSA"),
+    ("lora_velora", "VeLoRA", "VeLoRA state"),
 )
-_LORA_BIAS = re.compile(r".*(\.lora_B|\.lora_up|\.lora\.up|\.lora_linear_layer\.up)(\.[^.]+)?\.bias")
+LORA_BIAS_KEY = re.compile(
+    r"(?P<module>.+?)\.(?:lora_B|lora_up|lora\.up|lora_linear_layer\.up)(?:\.[^.]+)?\.bias"
+)
 
 
 def _tensor_feature(key: str) -> str:
-    for fragment, feature in _FEATURES_BY_KEY:
+    for fragment, _, what in TENSOR_FEATURES:
         if fragment in key:
-            return feature
-    if _LORA_BIAS.fullmatch(key):
+            return what
+    if LORA_BIAS_KEY.fullmatch(key):
         return "lora bias"
     if key.endswith(".bias"):
         return "a trained bias"
@@ -234,7 +239,7 @@ def _group_tensors(
         if match is None:
             raise _refuse_tensor(path, key)
         fields = match.groupdict()
-        role = _ROLES.get(fields.get("role"), "alpha")
+        role = FACTOR_ROLES.get(fields.get("role"), "alpha")
         if role != "alpha" and len(shapes[key]) == 4:
             raise UnsupportedFeatureError(
                 f"{path}: tensor '{key}' has shape {shapes[key]}: conv LoRA cannot be represented "
@@ -321,7 +326,7 @@ _REFUSED_CONFIG_FIELDS = (
     ("megatron_config", "Megatron parallel layers (megatron_config)"),
 )
 # Inits that rewrite the base weights, so the adapter is not a delta on the original base.
-_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")  # inits that change the base weights
 
 
 def _check_peft_config(config: dict, path: Path) -> None:
@@ -339,7 +344,7 @@ def _check_peft_config(config: dict, path: Path) -> None:
         if config.get(name):
             raise UnsupportedFeatureError(f"{path}: uses {feature}, which lrtool cannot represent")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
         raise UnsupportedFeatureError(
             f"{path}: init_lora_weights={init!r} rewrites the base weights, so this adapter is no delta on "
             "the original base; save it with peft's path_initial_model_for_weight_conversion first"
@@ -365,7 +370,7 @@ def _load_peft(config_path: Path, weights_path: Path, source: str) -> Adapter:
     use_rslora = bool(config.get("use_rslora", False))
 
     shapes, _ = _index(weights_path)
-    groups, _ = _group_tensors(weights_path, shapes, [("peft", _PEFT_FACTOR)])
+    groups, _ = _group_tensors(weights_path, shapes, [("peft", PEFT_FACTOR_KEY)])
     tensors = _read(weights_path, [slots[role] for slots in groups.values() for role in ("A", "B")])
     modules = {}
     for module, slots in groups.items():
@@ -394,10 +399,10 @@ def _load_peft(config_path: Path, weights_path: Path, source: str) -> Adapter:
 
 
 _LOOSE_GRAMMAR = [
-    ("kohya", _KOHYA_FACTOR),
-    ("diffusers", _DIFFUSERS_FACTOR),
-    ("diffusers", _PEFT_FACTOR),
-    ("alpha", _ALPHA),
+    ("kohya", KOHYA_FACTOR_KEY),
+    ("diffusers", DIFFUSERS_FACTOR_KEY),
+    ("diffusers", PEFT_FACTOR_KEY),
+    ("alpha", ALPHA_KEY),
 ]
 
 

@@ -24,10 +24,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lrtool.adapters import (
+    ALPHA_KEY,
+    BASE_REWRITING_INITS,
+    FACTOR_KEYS,
+    FACTOR_ROLES,
+    LORA_BIAS_KEY,
     PEFT_CONFIG,
     PEFT_PREFIX,
     PEFT_WEIGHTS,
     PICKLE_SUFFIXES,
+    TENSOR_FEATURES,
     Adapter,
     LoraModule,
     load_adapter,
@@ -93,29 +99,6 @@ _DTYPES = {
     "BOOL": "bool",
 }
 
-# The key grammar (adapters.py's is private; these mirror it). A / down is [r, in], B / up is [out, r].
-_FACTORS = (
-    ("peft", re.compile(r"(?P<module>.+?)\.lora_(?P<role>A|B)(?:\.(?P<adapter>[^.]+))?\.weight")),
-    ("kohya", re.compile(r"(?P<module>.+)\.lora_(?P<role>down|up)\.weight")),
-    ("diffusers", re.compile(r"(?P<module>.+)\.(?:lora|lora_linear_layer)\.(?P<role>down|up)\.weight")),
-)
-_ALPHA = re.compile(r"(?P<module>.+)\.alpha")
-_ROLES = {"A": "A", "down": "A", "B": "B", "up": "B"}
-# Tensors that are more than a LoRA factor, by a fragment of the key; the module is what precedes it.
-_FEATURE_TENSORS = (
-    ("lora_magnitude_vector", "DoRA"),
-    ("dora_scale", "DoRA"),
-    ("lora_embedding_", "embedding LoRA"),
-    ("modules_to_save", "modules_to_save"),
-    ("trainable_tokens", "trainable tokens"),
-    ("token_adapter", "trainable tokens"),
-    ("hada_", "LoHa"),
-    ("lokr_", "LoKr"),
-    ("lora_mid", "conv LoRA"),
-)
-_LORA_BIAS = re.compile(
-    r"(?P<module>.+?)\.(?:lora_B|lora_up|lora\.up|lora_linear_layer\.up)(?:\.[^.]+)?\.bias"
-)
 # adapter_config.json fields that make an adapter more than dW = scale * B @ A (load_adapter refuses more;
 # what it refuses beyond these still becomes a finding, from its message).
 _CONFIG_FEATURES = (
@@ -126,7 +109,6 @@ _CONFIG_FEATURES = (
     ("layer_replication", "layer replication"),
     ("target_parameters", "LoRA on parameters (target_parameters)"),
 )
-_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 _KOHYA_BASE_KEYS = ("ss_sd_model_name", "ss_base_model_version")
 
 
@@ -246,10 +228,10 @@ def _inspect(path: str) -> AdapterInput:
 
 def _feature_of(key: str) -> tuple[str, str]:
     """(module, what it is) for a tensor that is not a LoRA factor or alpha."""
-    for fragment, feature in _FEATURE_TENSORS:
+    for fragment, feature, _ in TENSOR_FEATURES:
         if fragment in key:
             return key[: key.index(fragment)].rstrip(".").removeprefix(PEFT_PREFIX), feature
-    match = _LORA_BIAS.fullmatch(key)
+    match = LORA_BIAS_KEY.fullmatch(key)
     if match:
         return match["module"].removeprefix(PEFT_PREFIX), "lora bias"
     module, _, last = key.rpartition(".")
@@ -263,11 +245,11 @@ def _feature_of(key: str) -> tuple[str, str]:
 
 def _parse_key(key: str) -> tuple[str, re.Match | None]:
     """(naming family, match) of a LoRA factor or alpha key; match None for any other tensor."""
-    for family, pattern in _FACTORS:
+    for family, pattern in FACTOR_KEYS:
         match = pattern.fullmatch(key)
         if match:
             return family, match
-    return "alpha", _ALPHA.fullmatch(key)
+    return "alpha", ALPHA_KEY.fullmatch(key)
 
 
 def _group_keys(item: AdapterInput) -> set[str]:
@@ -281,7 +263,7 @@ def _group_keys(item: AdapterInput) -> set[str]:
             features.setdefault(_feature_of(key), []).append(key)
             continue
         fields = match.groupdict()
-        role = _ROLES.get(fields.get("role"), "alpha")
+        role = FACTOR_ROLES.get(fields.get("role"), "alpha")
         if fields.get("adapter"):
             adapter_names.add(fields["adapter"])
         if key.startswith(PEFT_PREFIX):
@@ -362,7 +344,7 @@ def _check_peft_config(item: AdapterInput, name: str) -> None:
         if feature not in seen:  # the tensors' findings already name it, per module
             item.add("unsupported-feature", f"{feature}: {name} sets {field_name}={config[field_name]!r}")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
         item.add(
             "unsupported-feature", f"init_lora_weights={init!r} rewrites the base weights: no delta on it"
         )
