@@ -842,6 +842,8 @@ def diagnose_command(
     A file that cannot be read is a finding (unreadable), not a failure: every other input is reported.
     """
     _configure_logging(quiet, verbose)
+    if plot == io.STDIO:  # stdout carries the JSON report; PNG bytes after it would corrupt it
+        raise UsageError("--plot takes a file name (FILE.png), not '-': stdout carries the JSON report")
     from lrtool import diagnose as diagnosis
     from lrtool.errors import QualityGateError
 

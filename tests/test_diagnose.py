@@ -604,3 +604,38 @@ def test_plot_draws_a_png(cli, tmp_path):
     code, _, _ = cli("diagnose", *adapters, "--plot", str(tmp_path / "spectra.png"))
     assert code == 0 and (tmp_path / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli("diagnose", *adapters, "--plot", str(tmp_path / "spectra.png"))[0] == 1  # exists: --force
+
+
+def test_plot_to_stdout_is_a_usage_error_before_any_work(cli, tmp_path):
+    """stdout carries the JSON report: PNG bytes after it would corrupt it."""
+    code, out, err = cli("diagnose", str(tmp_path / "nowhere"), "--plot", "-")
+    assert (code, out) == (2, "") and "--plot" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Factors and weights in dtypes torch cannot compute with directly
+
+
+def test_integer_factors_are_an_unsupported_feature_left_out_of_the_spectra(tmp_path):
+    A, B = factors(Q0)
+    quantised = {Q0: ((A * 100).to(torch.int8), (B * 1000).to(torch.int8)), V0: factors(V0)}
+    entry = only(diagnose([str(write_peft(tmp_path / "a", quantised))]))
+    (found,) = with_code(entry, "unsupported-feature")
+    assert found["module"] == Q0 and found["severity"] == "warning" and "int8" in found["message"]
+    assert module(entry, Q0)["singular_values"] is None
+    assert module(entry, V0)["singular_values"] is not None
+
+
+def test_float8_factors_and_base_weights_are_read_in_float64(tmp_path):
+    A, B = (t.to(torch.float8_e4m3fn) for t in factors(Q0, b_std=0.1))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    weight = (torch.randn(32, 32, generator=torch.Generator().manual_seed(0)) * 0.1).to(torch.float8_e5m2)
+    save_file({f"{Q0}.weight": weight}, base / "model.safetensors")
+    entry = only(diagnose([str(write_peft(tmp_path / "a", {Q0: (A, B)}))], base=str(base)))
+    assert entry["dtype"] == "float8_e4m3fn" and entry["findings"] == []
+    s = torch.linalg.svdvals(dense(A, B, 4 / 2))[:2]
+    got = module(entry, Q0)
+    assert got["singular_values"] == pytest.approx(s.tolist(), rel=1e-5)
+    assert got["relative_norm"] == pytest.approx(float(s.norm() / weight.double().norm()), rel=1e-5)

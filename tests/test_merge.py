@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from test_adapters import peft_layers, randomise_lora, tiny_llama
 
 from lrtool.adapters import Adapter, LoraModule, load_adapter
-from lrtool.errors import IncompatibleError, UsageError
+from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError, UsageError
 from lrtool.merge import REGISTRY, describe_methods, get, parse_weights, plan_merge
+from lrtool.merge.base import rounded
 
 torch.set_num_threads(1)
 
@@ -444,3 +445,59 @@ def test_the_order_of_the_adapters_does_not_matter(method, data):
     backward = exact(adapters[::-1], method, weights[::-1])
     for name in forward:
         assert_update_close(backward[name], forward[name], rtol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dtypes: what can be merged, what the result is stored in, and what does not fit it
+
+
+def one_module_adapter(dtype, factor=1.0, source="q.safetensors", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(2, 16, generator=generator), torch.randn(12, 2, generator=generator)
+    module = LoraModule(A=(factor * A).to(dtype), B=(factor * B).to(dtype), scale=2.0)
+    return Adapter(modules={"m.q": module}, source=source)
+
+
+def test_integer_factors_are_refused_naming_the_file_and_dtype():
+    with pytest.raises(UnsupportedFeatureError, match=r"q\.safetensors: module 'm\.q'.*int8"):
+        plan_merge([one_module_adapter(torch.int8)], "linear")
+
+
+def test_float8_factors_are_stored_in_float32_without_loss():
+    adapters = [one_module_adapter(torch.float8_e4m3fn, seed=n) for n in range(2)]
+    result = plan_merge(adapters, "linear").to_adapter()
+    module = result.adapter.modules["m.q"]
+    assert module.A.dtype == module.B.dtype == torch.float32
+    assert result.report["output"]["dtype"] == "float32"
+    assert result.report["modules"]["m.q"]["error"] == 0.0
+
+
+def test_a_dense_result_is_stored_as_balanced_factors_that_fit_float16():
+    """U sqrt(S), sqrt(S) Vh: each factor carries the square root of the update's size, as the inputs do."""
+    adapters = [one_module_adapter(torch.float16, factor=1e3, seed=n) for n in range(2)]
+    result = plan_merge(adapters, "ties", rank=FULL).to_adapter()
+    module = result.adapter.modules["m.q"]
+    assert module.B.dtype == torch.float16
+    assert torch.isfinite(module.B).all() and torch.isfinite(module.A).all()
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(module.B.double(), dim=0),
+        torch.linalg.vector_norm(module.A.double(), dim=1),
+        rtol=1e-2,
+        atol=0.0,
+    )
+    assert result.report["modules"]["m.q"]["error"] < 5e-3
+
+
+def test_a_result_that_overflows_the_storage_dtype_is_refused():
+    plan = plan_merge([one_module_adapter(torch.float16)], "linear", weights=[1e6])
+    with pytest.raises(InputError, match="module 'm.q' overflows float16.*float32"):
+        plan.to_adapter()
+
+
+def test_the_receipt_reports_non_finite_numbers_as_null():
+    assert [rounded(x) for x in (float("nan"), float("inf"), -float("inf"), 0.1234567)] == [
+        None,
+        None,
+        None,
+        0.123457,
+    ]

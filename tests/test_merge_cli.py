@@ -387,3 +387,35 @@ def test_a_base_with_non_finite_weights_leaves_nothing_behind(cli, adapter_dirs,
         str(outs / "m"),
     )
     assert_refused(result, 1, "'model.layers.1.self_attn.q_proj.weight' has non-finite values", outs)
+
+
+def test_kohya_inputs_alone_are_refused_without_a_base(cli, adapter_dirs, tmp_path):
+    """No input names a dotted module path to match the kohya names to: they would land in
+    target_modules as names no model has."""
+    kohya = [kohya_copy(adapter_dirs[name], tmp_path / f"{name}.safetensors") for name in ("a1", "a2")]
+    outs = tmp_path / "outs"
+    result = cli("merge", *kohya, "--method", "linear", "-o", str(outs / "m"))
+    assert_refused(result, 1, "pass --into-base BASE", outs)
+
+
+def test_a_merged_weight_that_overflows_the_base_dtype_is_refused(cli, adapter_dirs, tmp_path):
+    base = save_base(tmp_path / "fp16", tiny_llama().to(torch.float16), shard_size="10GB")
+    outs = tmp_path / "outs"
+    common = ["merge", *args(adapter_dirs, "a1"), "--method", "linear", "--weights", "1e9"]
+    result = cli(*common, "--into-base", str(base), "-o", str(outs / "m"))
+    assert_refused(result, 1, "overflows float16", outs)
+
+
+def test_a_base_index_whose_weight_map_is_not_names_to_files_is_refused(cli, adapter_dirs, tmp_path):
+    outs = tmp_path / "outs"
+    for name, weight_map in (("number", {f"{Q0}.weight": 5}), ("list", ["model.safetensors"])):
+        base = save_base(tmp_path / name, shard_size="60KB")
+        (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        result = cli(
+            *["merge", *args(adapter_dirs, "a1"), "--method", "linear"],
+            "--into-base",
+            str(base),
+            "-o",
+            str(outs / "m"),
+        )
+        assert_refused(result, 1, f"{base / 'model.safetensors.index.json'}: not a safetensors index (", outs)

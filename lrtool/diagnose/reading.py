@@ -3,10 +3,12 @@ modules the figures can cover. Two stages per input, so that a file the canonica
 reported in full:
 
 1. inspect: adapter_config.json and the safetensors header (key names, shapes, dtypes, metadata), parsed with
-   a small key grammar of our own (adapters.py keeps its grammar private). This yields the format and the
-   findings about the config, shapes, dtypes and unsupported features, per module.
+   adapters.py's key grammar (FACTOR_KEYS, ALPHA_KEY). This yields the format and the findings about the
+   config, shapes, dtypes and unsupported features, per module.
 2. load: `adapters.load_adapter` when it accepts the file (the exact scales merge would apply); when it
-   refuses, the well-formed modules are built from the raw tensors with the same scale rules.
+   refuses, the well-formed modules are built from the raw tensors with the same scale rules. Integer
+   (quantised) factors are an unsupported feature, left out; float8 factors are read in float64, as torch
+   computes nothing in float8.
 
 Also here: a base model's weights, known from their safetensors headers (`BaseWeights`), the renaming of
 kohya's mangled module names to the base's paths, and the findings of an adapter against its base.
@@ -489,11 +491,27 @@ def _load(item: AdapterInput) -> None:
     else:
         modules = _build_raw(item)
     for name, module in modules.items():
+        integer = sorted({_dtype_name(t) for t in (module.A, module.B) if not t.is_floating_point()})
+        if integer:
+            message = f"integer (quantised?) factors ({', '.join(integer)}): left out of the figures"
+            item.add("unsupported-feature", message, name)
+            continue
+        module = LoraModule(A=_computable(module.A), B=_computable(module.B), scale=module.scale)
         problem = _non_finite(module)
         if problem:
             item.add("non-finite", problem, name)
         else:
             item.lora[name] = module
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _computable(tensor: torch.Tensor) -> torch.Tensor:
+    """A floating-point tensor in a dtype torch computes with: float8 (which has no isfinite, norm or
+    matmul on the CPU) as float64, others as they are."""
+    return tensor.to(torch.float64) if tensor.dtype.itemsize < 2 else tensor
 
 
 def _build_raw(item: AdapterInput) -> dict[str, LoraModule]:
@@ -586,7 +604,9 @@ class BaseWeights:
                 weight = f.get_tensor(module + ".weight")
             floating = weight.is_floating_point()
             self._norms[module] = (
-                float(torch.linalg.vector_norm(weight, dtype=torch.float64)) if floating else None
+                float(torch.linalg.vector_norm(_computable(weight), dtype=torch.float64))
+                if floating
+                else None
             )
         return self._norms[module]
 

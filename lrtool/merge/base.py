@@ -15,9 +15,12 @@ Definitions every method follows:
 - Storage as a LoRA, always with scale 1 (B carries weights and scales, so peft applies exactly B @ A;
   `save_adapter` never writes use_rslora): a factored result is stored as it is, or as its best rank-K
   approximation when the method's `rank` parameter is a storage rank and --rank K is given; a dense result
-  is stored as its truncated SVD B = U_K diag(S_K), A = Vh_K at rank K (default: the largest rank any input
-  has for that module), which is exact once K >= min(out, in). Factors are stored in the inputs' common
-  dtype, float32 when they differ.
+  is stored as its truncated SVD at rank K (default: the largest rank any input has for that module), which
+  is exact once K >= min(out, in). A truncated SVD is stored balanced, B = U_K diag(sqrt(S_K)),
+  A = diag(sqrt(S_K)) Vh_K: each factor carries the square root of the update's size, as trained factors do,
+  so neither overflows a float16 that holds the inputs. Factors are stored in the inputs' common dtype,
+  float32 when they differ or are narrower than 16 bits (float8); integer (quantised) factors are refused.
+  A stored factor that does not fit its dtype is refused (InputError), never written as inf.
 - The receipt (merge_report.json) gives per module `error` = ||stored - exact||_F / ||exact||_F (what
   storage lost: dtype rounding, truncation; 0 when exact is 0) and `from_linear` = ||exact - linear||_F /
   ||linear||_F (how far the method's definition is from the weighted sum of the updates), both computed in
@@ -35,7 +38,7 @@ import torch
 
 from lrtool import lowrank
 from lrtool.adapters import Adapter, LoraModule, load_adapter, match_module_names, save_adapter
-from lrtool.errors import IncompatibleError, InputError, UsageError
+from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError, UsageError
 from lrtool.io import dumps_report, sha256_path
 
 REPORT = "merge_report.json"
@@ -180,16 +183,11 @@ class ModuleInputs:
 
         Kept until forget(): the method and the receipt both need it."""
         if "linear" not in self._memo:
-            present = [(m, w) for m, w in zip(self.modules, self.weights) if m is not None]
-            B = torch.empty(self.shape[0], sum(m.rank for m, _ in present), dtype=torch.float64)
-            A = torch.empty(B.shape[1], self.shape[1], dtype=torch.float64)
-            start = 0
-            for module, weight in present:
-                end = start + module.rank
-                B[:, start:end] = module.B
-                B[:, start:end] *= weight * module.scale
-                A[start:end] = module.A
-                start = end
+            present = [
+                (w, self.scaled_factors(i)) for i, w in enumerate(self.weights) if self.modules[i] is not None
+            ]
+            B = torch.cat([weight * B for weight, (B, _) in present], dim=1)
+            A = torch.cat([A for _, (_, A) in present], dim=0)
             self._memo["linear"] = (B, A)
         return self._memo["linear"]
 
@@ -217,10 +215,6 @@ class Update:
     def is_factored(self) -> bool:
         return self.matrix is None
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.matrix.shape) if self.matrix is not None else (self.B.shape[0], self.A.shape[1])
-
     def to_dense(self) -> torch.Tensor:
         return self.B @ self.A if self.matrix is None else self.matrix
 
@@ -243,15 +237,23 @@ class Update:
         return lowrank.distance(self.B, self.A, B, A)
 
     def truncated(self, rank: int) -> Update:
-        """The best approximation of rank at most `rank`, factored as B = U diag(S), A = Vh."""
+        """The best approximation of rank at most `rank`, balanced (`balanced`)."""
         if self.is_factored:
             if self.B.shape[1] <= rank:
                 return self
             U, S, Vh = lowrank.factored_svd(self.B, self.A)
         else:
             U, S, Vh = torch.linalg.svd(self.matrix, full_matrices=False)
-        k = min(rank, S.shape[0])
-        return Update.factored(U[:, :k] * S[:k], Vh[:k])
+        return balanced(U, S, Vh, rank)
+
+
+def balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> Update:
+    """U diag(S) Vh truncated to rank at most `rank`, as B = U diag(sqrt(S)), A = diag(sqrt(S)) Vh: each
+    factor holds the square root of the update's size (B = U diag(S) would hold all of it, and overflow a
+    float16 that holds the inputs' factors)."""
+    k = min(rank, S.shape[0])
+    root = S[:k].sqrt()
+    return Update.factored(U[:, :k] * root, root[:, None] * Vh[:k])
 
 
 def relative(distance: float, reference: float) -> float:
@@ -260,7 +262,8 @@ def relative(distance: float, reference: float) -> float:
 
 
 def rounded(value: float | None) -> float | None:
-    return None if value is None else float(f"{value:.{DIGITS}g}")
+    """`value` to DIGITS significant digits; None (JSON null) for None, NaN and inf, which JSON lacks."""
+    return None if value is None or not math.isfinite(value) else float(f"{value:.{DIGITS}g}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -321,6 +324,10 @@ class MergePlan:
         if B.shape[1] == 0:  # a zero update: peft needs rank >= 1
             B, A = torch.zeros(B.shape[0], 1, dtype=B.dtype), torch.zeros(1, A.shape[1], dtype=A.dtype)
         B, A = B.to(self.dtype).contiguous(), A.to(self.dtype).contiguous()
+        if not (all_finite(B) and all_finite(A)):
+            raise InputError(
+                overflow_message(name, "stored factors", self.dtype, "convert the adapters to float32 first")
+            )
         norm = exact.norm()
         row = {
             "rank": B.shape[1],
@@ -334,13 +341,7 @@ class MergePlan:
     def from_linear(self, inputs: ModuleInputs, exact: Update) -> float:
         """||exact - linear||_F / ||linear||_F: how far the method's result is from sum_i w_i dW_i."""
         linear = Update.factored(*inputs.linear())
-        if exact.is_factored:
-            if (
-                exact.B.shape == linear.B.shape
-                and torch.equal(exact.B, linear.B)
-                and torch.equal(exact.A, linear.A)
-            ):
-                return 0.0  # the linear method itself
+        if exact.is_factored:  # 0 exactly for linear itself: distance keeps equal factors' difference at 0
             return relative(linear.distance(exact.B, exact.A), linear.norm())
         return relative(exact.distance(linear.B, linear.A), linear.norm())
 
@@ -472,6 +473,7 @@ def plan_merge(
             "so drop --rank"
         )
     for adapter in adapters:
+        _check_floating(adapter)
         _check_finite(adapter)
     base = _common_base(adapters)
     fan_in_fan_out = _common_flag(adapters, "fan_in_fan_out")
@@ -489,7 +491,10 @@ def plan_merge(
         if method.check is not None:
             method.check(inputs[name])
     dtypes = {dtype for adapter in adapters for dtype in adapter.dtypes}
+    mixed_dtypes = len(dtypes) > 1
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    narrow = dtype.itemsize < 2  # float8: too coarse for a merge's result (and no arithmetic in torch)
+    dtype = torch.float32 if narrow else dtype
     task_types = [a.metadata.get("task_type") for a in adapters if a.metadata.get("task_type")]
     plan = MergePlan(
         method=method,
@@ -503,17 +508,19 @@ def plan_merge(
             "task_type": task_types[0] if task_types else "CAUSAL_LM",
         },
     )
-    plan.notes.extend(_plan_notes(plan, mixed_dtypes=len({d for a in adapters for d in a.dtypes}) > 1))
+    plan.notes.extend(_plan_notes(plan, mixed_dtypes=mixed_dtypes, narrow=narrow))
     return plan
 
 
-def _plan_notes(plan: MergePlan, mixed_dtypes: bool) -> list[str]:
+def _plan_notes(plan: MergePlan, mixed_dtypes: bool, narrow: bool = False) -> list[str]:
     notes = list(plan.method.notes)
     partial = sum(any(m is None for m in inputs.modules) for inputs in plan.inputs.values())
     if partial:
         notes.append(f"{partial} modules are missing from some adapters and count as zero there")
     if mixed_dtypes:
         notes.append("the inputs' dtypes differ: stored in float32")
+    if narrow:
+        notes.append("the inputs are stored in fewer than 16 bits (float8): stored in float32")
     if plan.method.divides_by_weights and any(w < 0 for w in plan.settings.weights):
         notes.append(
             f"{plan.method.name} divides by the sum of the agreeing entries' weights (mergekit's "
@@ -521,6 +528,24 @@ def _plan_notes(plan: MergePlan, mixed_dtypes: bool) -> list[str]:
             "for task negation"
         )
     return notes
+
+
+def _check_floating(adapter: Adapter) -> None:
+    where = adapter.source or "adapter"
+    for name, module in adapter.modules.items():
+        for role, tensor in (("A", module.A), ("B", module.B)):
+            if not tensor.is_floating_point():
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                raise UnsupportedFeatureError(
+                    f"{where}: module '{name}' stores its {role} factor as {dtype} (quantised?); only "
+                    "floating-point factors can be merged: dequantise the adapter first"
+                )
+
+
+def overflow_message(name: str, what: str, dtype: torch.dtype, how: str) -> str:
+    """Why module `name` cannot be written: `what` does not fit `dtype`; `how` to merge in float32."""
+    dtype = str(dtype).removeprefix("torch.")
+    return f"module '{name}' overflows {dtype} ({what} beyond its range); merge in float32: {how}"
 
 
 def _check_finite(adapter: Adapter) -> None:
@@ -599,9 +624,9 @@ def prepare(
     else:  # without a base, the other adapters' dotted paths are the names to match
         module_names = sorted({name for a in adapters for name in a.modules if "." in name})
     adapters = [match_module_names(adapter, module_names) for adapter in adapters]
-    if module_names:
-        _check_names_matched(adapters, base_model.source if base_model is not None else None)
     plan = plan_merge(adapters, method, weights, rank, density, seed, into_base=base_model is not None)
+    # Also when no name is dotted (only kohya inputs, no base): the names would stay mangled.
+    _check_names_matched(adapters, base_model.source if base_model is not None else None)
     if base_model is not None:
         base_model.check(plan)
         plan.base_model = base_model

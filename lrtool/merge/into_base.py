@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from lrtool.adapters import PICKLE_SUFFIXES
 from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError
-from lrtool.merge.base import MergePlan, all_finite, relative
+from lrtool.merge.base import MergePlan, all_finite, overflow_message, relative
 
 # The files of a model directory that are neither weights nor ours, copied as they are.
 COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
@@ -125,17 +125,17 @@ class BaseModel:
     @staticmethod
     def _shards(index: Path) -> list[Path]:
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (
-            OSError,
-            UnicodeDecodeError,
-            json.JSONDecodeError,
-            KeyError,
-            TypeError,
-            AttributeError,
-        ) as error:
+            content = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise InputError(f"{index}: not a safetensors index ({_one_line(error)})") from error
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()
+        ):
+            raise InputError(
+                f"{index}: not a safetensors index (its weight_map must map tensor names to shard file names)"
+            )
+        names = sorted(set(weight_map.values()))
         shards = [index.parent / name for name in names]
         for shard in shards:
             if not shard.is_file():
@@ -248,6 +248,11 @@ class BaseModel:
         exact_sum.add_(exact.to_dense().T if plan.metadata["fan_in_fan_out"] else exact.to_dense())
         del exact
         merged = exact_sum.to(weight.dtype, copy=True)
+        if not all_finite(merged):
+            what = f"'{name}.weight' plus the update"
+            raise InputError(
+                overflow_message(name, what, weight.dtype, "merge into a float32 copy of the base")
+            )
         # ||(merged - W) - delta|| = ||merged - (W + delta)||: what casting to the base's dtype lost
         row["error"] = relative(float(torch.linalg.matrix_norm(exact_sum.sub_(merged))), row["norm"])
         rows[name] = {key: row[key] for key in ("error", "from_linear", "norm")}

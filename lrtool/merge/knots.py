@@ -9,8 +9,8 @@ Per module, with dW_i = s_i B_i A_i ([out, in]; zero where adapter i lacks the m
    coordinates (exactly zero for an adapter lacking the module);
 2. merge the coordinates with TIES (ties.py, mergekit's conventions, density D, the weights w_i):
    V^T = ties(V_1^T, ..., V_n^T), trimming int(D * k * in) entries per task;
-3. map back: result = U diag(S) V^T, of rank at most k: stored exactly as B = U diag(S), A = V^T
-   (or at --rank K, its best rank-K approximation).
+3. map back: result = U diag(S) V^T, of rank at most k: stored exactly, balanced as B = U diag(sqrt(S)),
+   A = diag(sqrt(S)) V^T (or at --rank K, its best rank-K approximation).
 The SVD is computed from the factors: the concatenation equals [s_1 B_1 | ...] blockdiag(A_1, ..., A_n); a
 QR of the stacked B's, a QR of each A_i^T and an SVD of the small core give U, S and each V_i, with no
 [out, n * in] matrix formed. Sign flips of singular pairs do not change the result (TIES is odd-symmetric).
@@ -51,7 +51,8 @@ def shared_basis(module: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor, torc
 def knots(module: ModuleInputs, settings: Settings) -> Update:
     U, S, coordinates = shared_basis(module)
     trimmed = torch.stack([keep_largest(v, settings.density) for v in coordinates])
-    return Update.factored(U * S, elect_and_average(trimmed, module.weights))
+    root = S.sqrt()  # balanced factors, as base.balanced stores a truncated SVD
+    return Update.factored(U * root, root[:, None] * elect_and_average(trimmed, module.weights))
 
 
 METHOD = Method(

@@ -2,19 +2,18 @@
 
 Computed from the factors, never forming the dense matrix: the concatenated factors of `linear` are
 QR-decomposed and only their small (sum r_i)-square core goes through an SVD (lrtool.lowrank.factored_svd).
-Stored as B = U_K diag(S_K), A = Vh_K, scale 1. K is --rank, by default per module the largest rank any
-input has for it; a K at least sum r_i keeps the linear result exactly. The receipt's from_linear is the
-truncation's relative error.
+Stored balanced, B = U_K diag(sqrt(S_K)), A = diag(sqrt(S_K)) Vh_K, scale 1 (base.balanced). K is --rank,
+by default per module the largest rank any input has for it; a K at least sum r_i keeps the linear result
+exactly. The receipt's from_linear is the truncation's relative error.
 """
 
 from lrtool import lowrank
-from lrtool.merge.base import Method, ModuleInputs, Parameter, Settings, Update
+from lrtool.merge.base import Method, ModuleInputs, Parameter, Settings, Update, balanced
 
 
 def svd(module: ModuleInputs, settings: Settings) -> Update:
     U, S, Vh = lowrank.factored_svd(*module.linear())
-    k = min(settings.rank or module.max_rank, S.shape[0])
-    return Update.factored(U[:, :k] * S[:k], Vh[:k])
+    return balanced(U, S, Vh, settings.rank or module.max_rank)
 
 
 METHOD = Method(
