@@ -38,7 +38,7 @@ complete -c lrtool -n '__fish_seen_subcommand_from train' -l chat-template -d 'F
 complete -c lrtool -n '__fish_seen_subcommand_from train' -l until-accuracy -x -d 'Stop once greedy exact match on a sample of the training examples reaches X; exit 3 if the run ends below it.'
 complete -c lrtool -n '__fish_seen_subcommand_from train' -l check-every -x -d 'Steps between accuracy checks.'
 complete -c lrtool -n '__fish_seen_subcommand_from train' -l check-sample -x -d 'Training examples per accuracy check.'
-complete -c lrtool -n '__fish_seen_subcommand_from train' -l seed -x -d 'Seed of the world: the same arguments give the same bytes.'
+complete -c lrtool -n '__fish_seen_subcommand_from train' -l seed -x -d 'Seed of initialisation and data order: same seed, same bytes.'
 complete -c lrtool -n '__fish_seen_subcommand_from train' -l device -r -F -d 'Where to train; auto picks CUDA when present.'
 complete -c lrtool -n '__fish_seen_subcommand_from train' -l dtype -x -a 'float32 bfloat16 float16' -d 'Weights\' dtype (default: the base\'s).'
 complete -c lrtool -n '__fish_seen_subcommand_from train' -l max-length -x -d 'Longest line in tokens; longer prompts lose tokens on the left.'

@@ -61,7 +61,7 @@ _lrtool_train() {
     '--until-accuracy=[Stop once greedy exact match on a sample of the training examples reaches X; exit 3 if the run ends below it.]:X: ' \
     '--check-every=[Steps between accuracy checks.]:INT: ' \
     '--check-sample=[Training examples per accuracy check.]:INT: ' \
-    '--seed=[Seed of the world\: the same arguments give the same bytes.]:INT: ' \
+    '--seed=[Seed of initialisation and data order\: same seed, same bytes.]:INT: ' \
     '--device=[Where to train; auto picks CUDA when present.]:auto|cpu|cuda\[\:N\]:_files' \
     '--dtype=[Weights'\'' dtype (default\: the base'\''s).]:DTYPE:(float32 bfloat16 float16)' \
     '--max-length=[Longest line in tokens; longer prompts lose tokens on the left.]:INT: ' \

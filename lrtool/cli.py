@@ -171,6 +171,8 @@ def _generate(task: str, config, split: str | None, templates: str, seed: int, o
 
     module = task_module(task)
     log.debug("world: %s", io.dumps_line(module.describe(config)))
+    for warning in module.warnings_for(config):
+        log.warning("warning: %s", warning)
     if split is not None:
         records = module.generate(config, split, seed=seed, templates=templates)
         with io.atomic_output_file(out or io.STDIO, force) as handle:
@@ -178,7 +180,7 @@ def _generate(task: str, config, split: str | None, templates: str, seed: int, o
         if out not in (None, io.STDIO):
             print(out)
         return
-    if out is None:
+    if out is None or out == io.STDIO:
         raise UsageError("give --split NAME (one split to stdout) or -o DIR (every split)")
     if templates != "train":
         raise UsageError("--templates applies to --split; -o DIR writes both template sets")
@@ -354,7 +356,7 @@ def train(
         list[str],
         typer.Argument(
             metavar="DATA.jsonl...",
-            help="Datasets; several train one adapter on their union ('-' = stdin).",
+            help="JSONL datasets (files); several train one adapter on their union.",
             show_default=False,
         ),
     ],
@@ -488,7 +490,9 @@ def train(
     check_sample: Annotated[
         int, _opt("--check-sample", min=1, help="Training examples per accuracy check.")
     ] = 256,
-    seed: Seed = 0,
+    seed: Annotated[
+        int, _opt("--seed", help="Seed of initialisation and data order: same seed, same bytes.")
+    ] = 0,
     device: Annotated[
         str,
         _opt("--device", metavar="auto|cpu|cuda[:N]", help="Where to train; auto picks CUDA when present."),
@@ -524,7 +528,7 @@ def train(
 
         transformers_logging.disable_progress_bar()  # the env variable is read once, at import
         transformers_logging.set_verbosity_error()
-    from lrtool.train import TrainSettings, check_reached, checkpoint_dir, remove_checkpoint
+    from lrtool.train import Distributed, TrainSettings, check_reached, checkpoint_dir, remove_checkpoint
     from lrtool.train import train as run_training
 
     settings = TrainSettings(
@@ -559,9 +563,7 @@ def train(
         log_every=log_every,
         trust_remote_code=trust_remote_code,
     ).resolved()
-    import os
-
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = Distributed.from_env().is_main
     io.check_output_free(out, force)
     if resume and not checkpoint_dir(Path(out)).is_dir():
         raise UsageError(f"--resume: no checkpoint at {checkpoint_dir(Path(out))}")

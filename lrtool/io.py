@@ -90,10 +90,25 @@ def sha256_path(path: str | Path) -> str:
 
 
 def check_output_free(path: str | Path, force: bool) -> None:
-    """Refuse an existing output unless forced (call before the work starts, so nothing is wasted)."""
+    """Refuse an existing output unless forced (call before the work starts, so nothing is wasted).
+
+    Even forced, a directory is replaced only when it is empty or an earlier lrtool output (it holds
+    lrtool.json), and never the working directory or one above it: `-o . --force` must not empty a project.
+    """
     path = Path(path)
-    if path.exists() and not force:
+    if not path.exists():
+        return
+    if not force:
         raise OutputExistsError(f"{path} exists; pass --force to replace it")
+    if path.is_dir() and not path.is_symlink():
+        resolved, here = path.resolve(), Path.cwd().resolve()
+        if resolved == here or resolved in here.parents:
+            raise OutputExistsError(f"{path} is the working directory or holds it; choose another output")
+        if any(path.iterdir()) and not (path / MANIFEST).is_file():
+            raise OutputExistsError(
+                f"{path} is a directory lrtool did not write (no {MANIFEST}); remove it yourself or choose "
+                "another output"
+            )
 
 
 @contextlib.contextmanager
@@ -112,6 +127,7 @@ def atomic_output_dir(path: str | Path, force: bool = False, enabled: bool = Tru
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an output is as shareable as any file
         _replace(tmp, path, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,10 +151,17 @@ def atomic_output_file(path: str | Path, force: bool = False, mode: str = "w") -
     try:
         with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"})) as handle:
             yield handle
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
         _replace(tmp, path, force)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace(tmp: Path, path: Path, force: bool) -> None:

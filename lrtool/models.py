@@ -156,8 +156,13 @@ def load_base(
         tokenizer = AutoTokenizer.from_pretrained(
             spec, trust_remote_code=trust_remote_code, local_files_only=local
         )
+        # safetensors only: a base shipped as pickled pytorch_model.bin is refused, never unpickled.
         model = AutoModelForCausalLM.from_pretrained(
-            spec, trust_remote_code=trust_remote_code, local_files_only=local, dtype=dtype
+            spec,
+            trust_remote_code=trust_remote_code,
+            local_files_only=local,
+            dtype=dtype,
+            use_safetensors=True,
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -102,6 +102,11 @@ class TrainSettings:
             (s.init in INIT_CHOICES, f"--init must be one of {', '.join(INIT_CHOICES)}"),
             (s.dtype is None or s.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
             (bool(s.data), "give at least one DATA file"),
+            (io.STDIO not in s.data, "train reads DATA more than once: give files, not '-' (stdin)"),
+            (
+                not s.vocab_from or bool(tiny_preset(s.base)),
+                "--vocab-from builds the tokenizer of --base tiny; a real base keeps its own",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -354,6 +359,8 @@ def train(
         trust_remote_code=s.trust_remote_code,
         dtype=getattr(torch, s.dtype) if s.dtype else None,
     )
+    if s.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"--chat-template: the tokenizer of {s.base} has no chat template (drop the flag)")
     encoded = [
         encode_example(tokenizer, p, a, chat_template=s.chat_template, loss_on_prompt=s.loss == "all")
         for p, a in examples
@@ -390,64 +397,81 @@ def train(
         log.info("resuming from %s at step %d of %d", ckpt, step, steps_total)
 
     started, tokens_seen, last_loss, accuracy, reached = time.perf_counter(), 0, float("nan"), None, None
+    at_boundary = True  # the state is that of a whole number of steps: safe to checkpoint
     try:
-        while step < steps_total:
-            batch_rows = step_indices(step, s.batch_size, len(examples), s.seed)
-            step_tokens = sum(sum(1 for x in encoded[i][1][1:] if x != IGNORE) for i in batch_rows)
-            mine = batch_rows[dist.rank :: dist.world_size]
-            chunks = [mine[k :: s.grad_accum] for k in range(s.grad_accum)]
-            chunks = [c for c in chunks if c]
-            loss_sum = torch.zeros((), device=device)
-            for k, chunk in enumerate(chunks):
-                batch = {
-                    key: t.to(device)
-                    for key, t in collate([encoded[i] for i in chunk], tokenizer.pad_token_id).items()
-                }
-                sync = k == len(chunks) - 1 or dist.world_size == 1
-                context = ddp_model.no_sync() if not sync else contextlib.nullcontext()
-                with context:
-                    token_loss = _token_loss_sum(ddp_model, batch)
-                    (token_loss * dist.world_size / max(1, step_tokens)).backward()
-                loss_sum += token_loss.detach()
-                tokens_seen += int(batch["attention_mask"].sum())
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if dist.world_size > 1:
-                torch.distributed.all_reduce(loss_sum)
-            last_loss = float(loss_sum) / max(1, step_tokens)
-            elapsed = time.perf_counter() - started
-            metrics = {
-                "step": step,
-                "loss": round(last_loss, 6),
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": round(tokens_seen * dist.world_size / max(elapsed, 1e-9), 1),
-            }
-            if step % s.log_every == 0 or step == steps_total:
-                log_lines.append(metrics)
-            if s.until_accuracy is not None and (step % s.check_every == 0 or step == steps_total):
-                accuracy = _accuracy(model, check_encoded, tokenizer.pad_token_id, device)
-                log_lines.append(
-                    {
-                        "step": step,
-                        "check": "exact_match",
-                        "accuracy": round(accuracy, 6),
-                        "sample": len(check_encoded),
+        with _interrupts_between_steps() as stop:
+            while step < steps_total:
+                at_boundary = False
+                batch_rows = step_indices(step, s.batch_size, len(examples), s.seed)
+                step_tokens = sum(sum(1 for x in encoded[i][1][1:] if x != IGNORE) for i in batch_rows)
+                mine = batch_rows[dist.rank :: dist.world_size]
+                chunks = [mine[k :: s.grad_accum] for k in range(s.grad_accum)]
+                chunks = [c for c in chunks if c]
+                loss_sum = torch.zeros((), device=device)
+                for k, chunk in enumerate(chunks):
+                    batch = {
+                        key: t.to(device)
+                        for key, t in collate([encoded[i] for i in chunk], tokenizer.pad_token_id).items()
                     }
-                )
-                log.debug(
-                    "step %d: exact match %.3f on %d training examples", step, accuracy, len(check_encoded)
-                )
-                if accuracy >= s.until_accuracy:
-                    reached = True
-                    break
-            if on_progress:
-                on_progress(step, steps_total, {**metrics, "accuracy": accuracy})
-            if on_step:
-                on_step(step)
+                    sync = k == len(chunks) - 1 or dist.world_size == 1
+                    context = ddp_model.no_sync() if not sync else contextlib.nullcontext()
+                    with context:
+                        token_loss = _token_loss_sum(ddp_model, batch)
+                        (token_loss * dist.world_size / max(1, step_tokens)).backward()
+                    loss_sum += token_loss.detach()
+                    tokens_seen += int(batch["attention_mask"].sum())
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                at_boundary = True
+                if dist.world_size > 1:
+                    torch.distributed.all_reduce(loss_sum)
+                last_loss = float(loss_sum) / max(1, step_tokens)
+                elapsed = time.perf_counter() - started
+                metrics = {
+                    "step": step,
+                    "loss": round(last_loss, 6),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": round(tokens_seen * dist.world_size / max(elapsed, 1e-9), 1),
+                }
+                if step % s.log_every == 0 or step == steps_total:
+                    log_lines.append(metrics)
+                if s.until_accuracy is not None and (step % s.check_every == 0 or step == steps_total):
+                    accuracy = _accuracy(model, check_encoded, tokenizer.pad_token_id, device)
+                    if dist.world_size > 1:  # every rank follows rank 0's decision, or one would wait forever
+                        shared = torch.tensor([accuracy], dtype=torch.float64, device=device)
+                        torch.distributed.broadcast(shared, src=0)
+                        accuracy = float(shared)
+                    log_lines.append(
+                        {
+                            "step": step,
+                            "check": "exact_match",
+                            "accuracy": round(accuracy, 6),
+                            "sample": len(check_encoded),
+                        }
+                    )
+                    log.debug(
+                        "step %d: exact match %.3f on %d training examples",
+                        step,
+                        accuracy,
+                        len(check_encoded),
+                    )
+                    if accuracy >= s.until_accuracy:
+                        reached = True
+                        break
+                if on_progress:
+                    on_progress(step, steps_total, {**metrics, "accuracy": accuracy})
+                if on_step:
+                    on_step(step)
+                if _stop_requested(stop, dist, device):
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if dist.is_main:
+        if dist.is_main and not at_boundary:
+            log.warning(
+                "interrupted twice inside step %d: no checkpoint (its state is half-updated)", step + 1
+            )
+        elif dist.is_main:
             save_checkpoint(ckpt, s, model, optimizer, scheduler, step, log_lines)
             log.warning(
                 "interrupted at step %d of %d; checkpoint kept in %s (rerun with --resume)",
@@ -486,6 +510,43 @@ def check_reached(result: TrainResult, settings: TrainSettings) -> None:
         )
 
 
+@contextlib.contextmanager
+def _interrupts_between_steps():
+    """Ctrl-C and SIGTERM during training set a flag that the loop obeys between optimizer steps, so the
+    checkpoint holds a whole step (an exception between optimizer.step() and the step count would make the
+    resumed run diverge). A second signal raises at once, for a step that never ends."""
+    import signal
+    import threading
+
+    stop = {"requested": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_requested(stop: dict, dist: "Distributed", device) -> bool:
+    """Whether any process was asked to stop (all of them stop at the same step boundary)."""
+    if dist.world_size == 1:
+        return stop["requested"]
+    import torch
+
+    flag = torch.tensor([1.0 if stop["requested"] else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def _token_loss_sum(model, batch):
     """Sum of cross-entropy over the batch's answer tokens (the caller divides by the step's token count)."""
     import torch
@@ -515,11 +576,20 @@ def _check_sample(n: int, size: int, seed: int) -> list[int]:
 
 
 def _truncate(encoded, max_length: int, warn: bool = True):
-    """Keep the answer whole and drop prompt tokens from the left where a line exceeds max_length."""
+    """Keep the answer whole and drop prompt tokens from the left where a line exceeds max_length.
+
+    A line whose answer alone does not fit is refused (with --loss all every token is "answer": plain
+    corpora are cut on the left as they come)."""
     out, cut = [], 0
-    for ids, labels in encoded:
+    for number, (ids, labels) in enumerate(encoded, start=1):
         if len(ids) > max_length:
             cut += 1
+            dropped = labels[: len(ids) - max_length]
+            if IGNORE in labels and any(label != IGNORE for label in dropped):
+                raise UsageError(
+                    f"line {number} of the data: its answer is longer than --max-length "
+                    f"{max_length} tokens; raise --max-length"
+                )
             ids, labels = ids[-max_length:], labels[-max_length:]
         out.append((ids, labels))
     if cut and warn:

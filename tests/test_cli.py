@@ -102,7 +102,7 @@ def test_out_dir_holds_every_split_both_template_sets_and_a_manifest(cli, tmp_pa
 
 def test_an_existing_output_is_kept_unless_forced(cli, tmp_path):
     out = tmp_path / "world"
-    out.mkdir()
+    assert cli("gen-data", "two-hop", "--size", "tiny", "--seed", "1", "-o", str(out))[0] == 0
     (out / "mine.txt").write_text("keep me")
     code, stdout, err = cli("gen-data", "two-hop", "--size", "tiny", "-o", str(out))
     assert code == 1 and stdout == "" and err.startswith("Error: ") and "--force" in err
@@ -188,3 +188,31 @@ def test_readme_starts_with_the_two_setup_commands():
     commands = [line.strip() for line in text.splitlines() if line.strip().startswith("make ")]
     assert commands[:2] == ["make demo", "make test"]
     assert Path(REPO / "Makefile").exists()
+
+
+def test_force_never_replaces_a_directory_lrtool_did_not_write_nor_the_working_directory(
+    cli, tmp_path, monkeypatch
+):
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    code, _, err = cli("gen-data", "two-hop", "--size", "tiny", "-o", str(mine), "--force")
+    assert code == 1 and "lrtool did not write" in err and (mine / "notes.txt").read_text() == "precious"
+    monkeypatch.chdir(mine)
+    code, _, err = cli("gen-data", "two-hop", "--size", "tiny", "-o", ".", "--force")
+    assert code == 1 and "working directory" in err and (mine / "notes.txt").exists()
+
+
+def test_outputs_are_as_readable_as_any_file_the_user_makes(cli, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        assert cli("gen-data", "two-hop", "--size", "tiny", "-o", str(tmp_path / "w"))[0] == 0
+        assert (
+            cli("gen-data", "two-hop", "--size", "tiny", "--split", "hop1", "-o", str(tmp_path / "f"))[0] == 0
+        )
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644

@@ -12,10 +12,22 @@ from lrtool.data import math
 from lrtool.errors import UsageError
 
 SEED = 7
-PROBLEM_KEYS = {"task", "split", "skill", "template", "numbers", "solution", "final_answer",
-                "shared_template", "answer_format"}
-NUMBER_KEYS = {"skill1": {"quantity", "price", "cost"}, "skill2": {"cost", "paid", "change"},
-               "composed": {"quantity", "price", "cost", "paid", "change"}}
+PROBLEM_KEYS = {
+    "task",
+    "split",
+    "skill",
+    "template",
+    "numbers",
+    "solution",
+    "final_answer",
+    "shared_template",
+    "answer_format",
+}
+NUMBER_KEYS = {
+    "skill1": {"quantity", "price", "cost"},
+    "skill2": {"cost", "paid", "change"},
+    "composed": {"quantity", "price", "cost", "paid", "change"},
+}
 
 
 def tiny(**overrides) -> math.Config:
@@ -184,8 +196,11 @@ def test_every_solution_ends_with_the_final_number(shared):
 
 def test_shared_template_solutions_of_both_skills_have_one_shape():
     config = tiny(shared_template=True)
-    shapes = {shape(line["meta"]["solution"]) for split in ("skill1", "skill2")
-              for line in math.generate(config, split, seed=SEED)}
+    shapes = {
+        shape(line["meta"]["solution"])
+        for split in ("skill1", "skill2")
+        for line in math.generate(config, split, seed=SEED)
+    }
     assert shapes == {"Compute N OP N = N. Answer: N"}
     composed = {shape(line["meta"]["solution"]) for line in math.generate(config, "composed", seed=SEED)}
     assert composed == {"Compute N OP N = N. Compute N OP N = N. Answer: N"}
@@ -204,11 +219,15 @@ def test_composed_solutions_multiply_then_subtract_the_problems_numbers():
     distinct = math.generate(tiny(), "composed", seed=SEED)[0]
     shared = math.generate(tiny(shared_template=True), "composed", seed=SEED)[0]
     n = distinct["meta"]["numbers"]
-    assert distinct["meta"]["solution"] == (f"Multiply {n['quantity']} by {n['price']} to get {n['cost']}. "
-                                            f"Take {n['cost']} away from {n['paid']} to leave {n['change']}")
-    assert shared["meta"]["solution"] == (f"Compute {n['quantity']} * {n['price']} = {n['cost']}. "
-                                          f"Compute {n['paid']} - {n['cost']} = {n['change']}. "
-                                          f"Answer: {n['change']}")
+    assert distinct["meta"]["solution"] == (
+        f"Multiply {n['quantity']} by {n['price']} to get {n['cost']}. "
+        f"Take {n['cost']} away from {n['paid']} to leave {n['change']}"
+    )
+    assert shared["meta"]["solution"] == (
+        f"Compute {n['quantity']} * {n['price']} = {n['cost']}. "
+        f"Compute {n['paid']} - {n['cost']} = {n['change']}. "
+        f"Answer: {n['change']}"
+    )
 
 
 def test_answer_format_solution_puts_the_worked_solution_in_answer():
@@ -235,8 +254,11 @@ def test_each_skill_has_several_training_and_held_out_templates_and_uses_them():
 
 
 def test_no_training_prompt_is_an_instance_of_a_held_out_template():
-    training = [line["prompt"] for split in math.SPLITS
-                for line in math.generate(math.Config.for_size("small"), split, seed=SEED)]
+    training = [
+        line["prompt"]
+        for split in math.SPLITS
+        for line in math.generate(math.Config.for_size("small"), split, seed=SEED)
+    ]
     for sets in math.TEMPLATES.values():
         for template in sets["eval"]:
             pattern = re.compile(".+?".join(re.escape(p) for p in re.split(r"\{\w+\}", template)))
@@ -254,8 +276,9 @@ def test_each_held_out_template_has_a_phrase_no_training_line_contains():
 
 def test_held_out_templates_use_only_words_the_training_problems_contain():
     # A word-level tokenizer built from the training data must know every word of an evaluation prompt.
-    prompts = [line["prompt"] for split in math.HELDOUT_SPLITS
-               for line in math.generate(tiny(), split, seed=SEED)]
+    prompts = [
+        line["prompt"] for split in math.HELDOUT_SPLITS for line in math.generate(tiny(), split, seed=SEED)
+    ]
     training_words = set(re.findall(r"[A-Za-z]+", " ".join(prompts)))
     for sets in math.TEMPLATES.values():
         for template in sets["eval"]:
@@ -280,8 +303,9 @@ def test_composed_problems_reuse_no_payment_of_the_skill_splits():
     for split in ("skill2", "composed"):
         for templates in ("train", "eval"):
             lines = math.generate(config, split, seed=SEED, templates=templates)
-            pairs[split, templates] = {(line["meta"]["numbers"]["cost"], line["meta"]["numbers"]["paid"])
-                                       for line in lines}
+            pairs[split, templates] = {
+                (line["meta"]["numbers"]["cost"], line["meta"]["numbers"]["paid"]) for line in lines
+            }
     uses = list(pairs)
     for i, a in enumerate(uses):
         for b in uses[i + 1 :]:
@@ -290,8 +314,12 @@ def test_composed_problems_reuse_no_payment_of_the_skill_splits():
 
 def test_no_composed_prompt_appears_in_a_skill_split():
     config = math.Config.for_size("small")
-    skill_prompts = {line["prompt"] for split in ("skill1", "skill2") for templates in ("train", "eval")
-                     for line in math.generate(config, split, seed=SEED, templates=templates)}
+    skill_prompts = {
+        line["prompt"]
+        for split in ("skill1", "skill2")
+        for templates in ("train", "eval")
+        for line in math.generate(config, split, seed=SEED, templates=templates)
+    }
     for templates in ("train", "eval"):
         lines = math.generate(config, "composed", seed=SEED, templates=templates)
         composed = {line["prompt"] for line in lines}
@@ -336,6 +364,28 @@ def test_pretrain_comes_only_in_training_templates():
 # ----------------------------------------------------------------------------------------------------- config
 
 
+WARNING = (
+    "--shared-template changes only meta.solution unless --answer-format solution: "
+    "the answers stay bare numbers"
+)
+
+
+@pytest.mark.parametrize(
+    "shared, answer_format, expected",
+    [(True, "number", [WARNING]), (True, "solution", []), (False, "number", []), (False, "solution", [])],
+)
+def test_a_bridge_that_changes_no_answer_is_warned_about_and_noted(shared, answer_format, expected):
+    config = tiny(shared_template=shared, answer_format=answer_format)
+    assert math.warnings_for(config) == expected
+    assert math.describe(config)["notes"] == expected
+    if expected:  # the warning is true: the answers are the bare numbers of the default condition
+        for split in math.HELDOUT_SPLITS:
+            lines = math.generate(config, split, seed=SEED)
+            assert [x["answer"] for x in lines] == [
+                x["answer"] for x in math.generate(tiny(), split, seed=SEED)
+            ]
+
+
 def test_sizes_are_valid_configs_that_grow():
     configs = [math.Config.for_size(size) for size in ("tiny", "small", "gpu")]
     assert math.Config() == configs[1]
@@ -350,18 +400,21 @@ def test_for_size_applies_overrides_and_ignores_unset_ones():
     assert config.skill_problems == math.SIZES["tiny"]["skill_problems"]
 
 
-@pytest.mark.parametrize("field, value, flag", [
-    ("skill_problems", 0, "--skill-problems"),
-    ("skill_problems", -3, "--skill-problems"),
-    ("skill_problems", 2.5, "--skill-problems"),
-    ("skill_problems", math.MAX_PROBLEMS + 1, "--skill-problems"),
-    ("composed_problems", 0, "--composed-problems"),
-    ("subtraction_facts", -1, "--subtraction-facts"),
-    ("subtraction_facts", 6000, "--subtraction-facts"),
-    ("filler_sentences", -1, "--filler-sentences"),
-    ("shared_template", "yes", "--shared-template"),
-    ("answer_format", "words", "--answer-format"),
-])
+@pytest.mark.parametrize(
+    "field, value, flag",
+    [
+        ("skill_problems", 0, "--skill-problems"),
+        ("skill_problems", -3, "--skill-problems"),
+        ("skill_problems", 2.5, "--skill-problems"),
+        ("skill_problems", math.MAX_PROBLEMS + 1, "--skill-problems"),
+        ("composed_problems", 0, "--composed-problems"),
+        ("subtraction_facts", -1, "--subtraction-facts"),
+        ("subtraction_facts", 6000, "--subtraction-facts"),
+        ("filler_sentences", -1, "--filler-sentences"),
+        ("shared_template", "yes", "--shared-template"),
+        ("answer_format", "words", "--answer-format"),
+    ],
+)
 def test_a_bad_value_is_a_usage_error_that_names_the_flag(field, value, flag):
     with pytest.raises(UsageError, match=re.escape(flag)):
         math.Config.for_size("tiny", **{field: value})
@@ -369,19 +422,24 @@ def test_a_bad_value_is_a_usage_error_that_names_the_flag(field, value, flag):
         math.generate(math.Config(**{field: value}), "skill1", seed=SEED)
 
 
-@pytest.mark.parametrize("call, words", [
-    (lambda: math.Config.for_size("huge"), "tiny, small, gpu"),
-    (lambda: math.Config.for_size("tiny", problems=3), "--problems"),
-    (lambda: math.generate(tiny(), "twohop", seed=SEED), "skill1, skill2, composed, pretrain"),
-    (lambda: math.generate(tiny(), "skill1", seed=SEED, templates="test"), "train, eval"),
-])
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda: math.Config.for_size("huge"), "tiny, small, gpu"),
+        (lambda: math.Config.for_size("tiny", problems=3), "--problems"),
+        (lambda: math.generate(tiny(), "twohop", seed=SEED), "skill1, skill2, composed, pretrain"),
+        (lambda: math.generate(tiny(), "skill1", seed=SEED, templates="test"), "train, eval"),
+    ],
+)
 def test_unknown_names_are_usage_errors_that_list_the_choices(call, words):
     with pytest.raises(UsageError, match=re.escape(words)):
         call()
 
 
 def test_the_generator_imports_no_torch_or_cli_libraries():
-    code = ("import sys, lrtool.data.math as m; m.generate(m.Config(), 'composed', seed=0); "
-            "print(sorted({'torch', 'numpy', 'typer', 'rich'} & set(sys.modules)))")
+    code = (
+        "import sys, lrtool.data.math as m; m.generate(m.Config(), 'composed', seed=0); "
+        "print(sorted({'torch', 'numpy', 'typer', 'rich'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

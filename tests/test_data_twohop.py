@@ -1,11 +1,12 @@
-"""gen-data two-hop: determinism, schema, composability, familiarity labels, held-out templates."""
+"""gen-data two-hop: determinism, schema, composability, familiarity labels, held-out templates, limits."""
 
 import json
+import random
 import re
 
 import pytest
 
-from lrtool.data import twohop
+from lrtool.data import TEMPLATE_SETS, names, twohop
 from lrtool.errors import UsageError
 
 TINY = twohop.Config.for_size("tiny")
@@ -158,3 +159,79 @@ def test_pretrain_refuses_held_out_templates_and_unknown_splits_are_refused():
         split("pretrain", templates="eval")
     with pytest.raises(UsageError, match="unknown split"):
         split("hop3")
+
+
+def every_split(config):
+    """(split, templates, records) for every split the world makes, held-out template sets included."""
+    for name in twohop.SPLITS:
+        for templates in ("train", "eval") if name in twohop.HELDOUT_SPLITS else ("train",):
+            yield name, templates, split(name, templates=templates, config=config)
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_every_answer_follows_from_its_prompt_and_is_not_in_it(size):
+    # A prompt with two answers caps the best possible exact match below 1 (train --until-accuracy).
+    answers = {}
+    for name, templates, records in every_split(twohop.Config.for_size(size)):
+        assert records, (name, templates)
+        for line in records:
+            prompt, answer = line["prompt"], line["answer"]
+            assert answers.setdefault(prompt, answer) == answer, (name, templates, prompt)
+            assert answer not in prompt, (name, templates, prompt)
+
+
+def test_filler_gives_each_city_one_thing():
+    world = twohop.build_world(TINY, 0)
+    assert set(world.thing_of) == set(world.cities)
+    assert set(world.thing_of.values()) <= set(twohop.FILLER_THINGS)
+    filler = [line for line in split("pretrain") if line["meta"]["kind"] == "filler"]
+    assert len(filler) == TINY.filler
+    for line in filler:
+        (city,) = [c for c in world.cities if mentions(line["prompt"], c)]
+        assert line["answer"] == world.thing_of[city]
+
+
+def words(text):
+    return set(re.findall(r"\w+|[^\w\s]", text))
+
+
+def test_held_out_templates_use_only_words_of_the_training_splits():
+    # A word-level tokenizer built from the training data must know every word of an evaluation prompt.
+    known = set()
+    for name in twohop.SPLITS:
+        for line in split(name):
+            known |= words(line["prompt"]) | words(line["answer"])
+    for relation in twohop.TEMPLATES.values():
+        for template in relation["eval"]:
+            fixed = words(" ".join(re.split(r"\{\w+\}", template)))
+            assert fixed <= known, (template, fixed - known)
+
+
+def test_a_world_too_large_to_name_is_a_usage_error():
+    assert twohop.Config.for_size("gpu").total_names <= twohop.MAX_NAMES
+    with pytest.raises(UsageError, match="--familiar-people"):
+        twohop.Config.for_size("tiny", familiar_people=100_000_000)
+    with pytest.raises(UsageError, match=f"{twohop.MAX_NAMES:,}"):
+        twohop.Config.for_size("tiny", familiar_people=twohop.MAX_NAMES)
+    with pytest.raises(UsageError, match="--cities"):
+        twohop.Config.for_size("tiny", cities=twohop.MAX_CITIES + 1)
+
+
+def test_an_exhausted_name_pool_raises_instead_of_drawing_forever(monkeypatch):
+    monkeypatch.setattr(names, "_ONSETS", ["b"])
+    monkeypatch.setattr(names, "_VOWELS", ["a"])
+    monkeypatch.setattr(names, "_CODAS", [""])
+    pool = names.NamePool(random.Random(0), max_rejections=50)
+    assert pool.people(1) == ["Baba"]
+    with pytest.raises(UsageError, match="ran out of distinct person names"):
+        pool.person()
+
+
+def test_the_largest_allowed_cities_can_be_named():
+    pool = names.NamePool(random.Random(0))
+    assert len(set(pool.places(twohop.MAX_CITIES))) == twohop.MAX_CITIES
+
+
+def test_unknown_template_sets_are_refused_with_the_choices():
+    with pytest.raises(UsageError, match=", ".join(TEMPLATE_SETS)):
+        split("hop1", templates="test")

@@ -254,7 +254,7 @@ def random_module(out_features, in_features, rank=2):
 
 def test_an_existing_output_is_kept_without_force(cli, adapter_dirs, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    assert cli("merge", *args(adapter_dirs, "a1", "a2"), "--method", "svd", "-o", str(out))[0] == 0
     (out / "mine.txt").write_text("keep me")
     result = cli("merge", *args(adapter_dirs, "a1", "a2"), "--method", "linear", "-o", str(out))
     assert result[0] == 1 and "--force" in result[2]
@@ -263,6 +263,11 @@ def test_an_existing_output_is_kept_without_force(cli, adapter_dirs, tmp_path):
         cli("merge", *args(adapter_dirs, "a1", "a2"), "--method", "linear", "-o", str(out), "--force")[0] == 0
     )
     assert not (out / "mine.txt").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    result = cli("merge", *args(adapter_dirs, "a1", "a2"), "--method", "linear", "-o", str(mine), "--force")
+    assert result[0] == 1 and "lrtool did not write" in result[2] and (mine / "notes.txt").exists()
 
 
 @pytest.mark.parametrize(

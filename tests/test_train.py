@@ -452,3 +452,82 @@ def test_torchrun_with_two_processes_gives_the_single_process_adapter(world, bas
     one, two = load_adapter(tmp_path / "one"), load_adapter(tmp_path / "two")
     for name, module in one.modules.items():
         torch.testing.assert_close(module.delta(), two.modules[name].delta(), atol=1e-5, rtol=1e-4)
+
+
+def test_a_signal_in_the_middle_of_a_step_stops_at_the_step_boundary_and_resumes_exactly(
+    world, base, cli, tmp_path, monkeypatch
+):
+    import lrtool.train as training
+    from lrtool.adapters import load_adapter
+
+    args = [
+        "train",
+        str(world / "hop1.jsonl"),
+        "--base",
+        str(base),
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "16",
+        "--grad-accum",
+        "2",
+        "-q",
+    ]
+    assert cli(*args, "-o", str(tmp_path / "straight"))[0] == 0
+
+    real_loss, calls = training._token_loss_sum, []
+
+    def loss_with_a_signal_in_step_3(model, batch):
+        calls.append(1)
+        if len(calls) == 5:  # the first micro-batch of step 3: the signal lands mid-step
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(training, "_token_loss_sum", loss_with_a_signal_in_step_3)
+    code, _, _ = cli(*args, "-o", str(tmp_path / "resumed"))
+    assert code == 130
+    assert json.loads((tmp_path / "resumed.ckpt" / "checkpoint.json").read_text())["step"] == 3
+    monkeypatch.setattr(training, "_token_loss_sum", real_loss)
+    assert cli(*args, "--resume", "-o", str(tmp_path / "resumed"))[0] == 0
+    straight, resumed = load_adapter(tmp_path / "straight"), load_adapter(tmp_path / "resumed")
+    for name, module in straight.modules.items():
+        assert torch.allclose(module.delta(), resumed.modules[name].delta(), atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["-"], "not '-'"),
+        (["--vocab-from", "ok.jsonl"], "--vocab-from"),
+        (["--max-length", "3"], "--max-length"),
+        (["--chat-template"], "no chat template"),
+    ],
+)
+def test_flags_that_cannot_apply_are_usage_errors(base, cli, tmp_path, monkeypatch, extra, needle):
+    monkeypatch.chdir(tmp_path)
+    Path("ok.jsonl").write_text(
+        '{"prompt": "Q: Who is Ava\'s mentor? A:", "answer": "Bram Bram Bram Bram"}\n'
+    )
+    data = [] if extra == ["-"] else ["ok.jsonl"]
+    code, out, err = cli("train", *data, *extra, "--base", str(base), "-o", "out")
+    assert (code, out) == (2, "") and needle in err and not Path("out").exists()
+
+
+def test_a_base_with_only_pickled_weights_is_refused_and_never_unpickled(base, cli, tmp_path):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(base, pickled)
+    (pickled / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    import pickle
+
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    code, _, err = cli(
+        "train", str(tmp_path / "d.jsonl"), "--base", str(pickled), "-o", str(tmp_path / "out")
+    )
+    assert code == 1 and err.startswith("Error: cannot load base") and not marker.exists()

@@ -7,6 +7,8 @@ Every task module exposes the same small interface, which the CLI drives:
     SIZES             preset name -> dict of Config field values (`--size`)
     Config            a frozen dataclass of the world's knobs; `Config.for_size(size, **overrides)`
     generate(config, split, *, seed, templates) -> list of records (dicts)
+    describe(config)  the world's knobs and sizes (logged with -v)
+    warnings_for(config)  legal settings that are probably not what was meant (logged as warnings)
 
 A record is `{"prompt": str, "answer": str, "meta": {...}}` (see `record`). Generators are pure Python
 (no torch) and deterministic: the same config, split, seed and templates give the same records in the

@@ -128,8 +128,15 @@ SIZES = {
 
 # RNG streams: random.Random(seed * 1000 + stream), one per purpose, so that no split's draws move another's.
 _STREAM_PAIRS = 1
-_STREAMS = {("skill1", "train"): 10, ("skill1", "eval"): 11, ("skill2", "train"): 20, ("skill2", "eval"): 21,
-            ("composed", "train"): 30, ("composed", "eval"): 31, ("pretrain", "train"): 40}
+_STREAMS = {
+    ("skill1", "train"): 10,
+    ("skill1", "eval"): 11,
+    ("skill2", "train"): 20,
+    ("skill2", "eval"): 21,
+    ("composed", "train"): 30,
+    ("composed", "eval"): 31,
+    ("pretrain", "train"): 40,
+}
 # (cost, paid) pairs are dealt round-robin to these four uses, so no two of them share a pair.
 _PAIR_USES = (("skill2", "train"), ("skill2", "eval"), ("composed", "train"), ("composed", "eval"))
 
@@ -153,16 +160,22 @@ class Config:
         known = [f.name for f in fields(cls)]
         for name in overrides:
             if name not in known:
-                raise UsageError(f"the math task has no option {_flag(name)}; its options are "
-                                 + ", ".join(_flag(n) for n in known))
+                raise UsageError(
+                    f"the math task has no option {_flag(name)}; its options are "
+                    + ", ".join(_flag(n) for n in known)
+                )
         config = cls(**{**SIZES[size], **{k: v for k, v in overrides.items() if v is not None}})
         config.validate()
         return config
 
     def validate(self) -> None:
         """Raise UsageError, naming the flag, on a value the generator cannot use."""
-        for name, least in (("skill_problems", 1), ("composed_problems", 1), ("subtraction_facts", 0),
-                            ("filler_sentences", 0)):
+        for name, least in (
+            ("skill_problems", 1),
+            ("composed_problems", 1),
+            ("subtraction_facts", 0),
+            ("filler_sentences", 0),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise UsageError(f"{_flag(name)} must be a whole number, got {value!r}")
@@ -172,13 +185,16 @@ class Config:
             if getattr(self, name) > MAX_PROBLEMS:
                 raise UsageError(f"{_flag(name)} must be at most {MAX_PROBLEMS}, got {getattr(self, name)}")
         if self.subtraction_facts > len(_subtractions()):
-            raise UsageError(f"--subtraction-facts must be at most {len(_subtractions())} (every a - b with "
-                             f"0 <= b <= a <= {MAX_PAID}), got {self.subtraction_facts}")
+            raise UsageError(
+                f"--subtraction-facts must be at most {len(_subtractions())} (every a - b with "
+                f"0 <= b <= a <= {MAX_PAID}), got {self.subtraction_facts}"
+            )
         if not isinstance(self.shared_template, bool):
             raise UsageError(f"--shared-template must be true or false, got {self.shared_template!r}")
         if self.answer_format not in ANSWER_FORMATS:
-            raise UsageError(f"--answer-format must be one of {', '.join(ANSWER_FORMATS)}, "
-                             f"got {self.answer_format!r}")
+            raise UsageError(
+                f"--answer-format must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}"
+            )
 
 
 def _flag(field_name: str) -> str:
@@ -216,12 +232,17 @@ def _number_pool(skill: str, templates: str, seed: int) -> list[dict]:
     if skill == "skill2":
         return [_numbers(cost=cost, paid=paid) for cost, paid in mine]
     # composed: every way of writing the cost as quantity x price
-    return [_numbers(q=q, p=cost // q, paid=paid) for cost, paid in mine for q in QUANTITIES
-            if cost % q == 0 and cost // q in PRICES]
+    return [
+        _numbers(q=q, p=cost // q, paid=paid)
+        for cost, paid in mine
+        for q in QUANTITIES
+        if cost % q == 0 and cost // q in PRICES
+    ]
 
 
-def _numbers(q: int | None = None, p: int | None = None, cost: int | None = None,
-             paid: int | None = None) -> dict:
+def _numbers(
+    q: int | None = None, p: int | None = None, cost: int | None = None, paid: int | None = None
+) -> dict:
     numbers = {}
     if q is not None:
         cost = q * p
@@ -232,8 +253,9 @@ def _numbers(q: int | None = None, p: int | None = None, cost: int | None = None
     return numbers
 
 
-def _problems(config: Config, skill: str, templates: str, rng: random.Random, count: int,
-              pool: list[dict]) -> list[dict]:
+def _problems(
+    config: Config, skill: str, templates: str, rng: random.Random, count: int, pool: list[dict]
+) -> list[dict]:
     # Draw order (template, name, item, numbers) never depends on shared_template or answer_format, so
     # every condition gets the same problems. Repeated prompts are drawn again.
     texts = TEMPLATES[skill][templates]
@@ -241,17 +263,32 @@ def _problems(config: Config, skill: str, templates: str, rng: random.Random, co
     while len(lines) < count:
         index = rng.randrange(len(texts))
         name, item, numbers = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(pool)
-        prompt = texts[index].format(name=name, item=item, items=item + "s", q=numbers.get("quantity"),
-                                     p=numbers.get("price"), cost=numbers["cost"], paid=numbers.get("paid"))
+        prompt = texts[index].format(
+            name=name,
+            item=item,
+            items=item + "s",
+            q=numbers.get("quantity"),
+            p=numbers.get("price"),
+            cost=numbers["cost"],
+            paid=numbers.get("paid"),
+        )
         prompt = _ONE_DOLLARS.sub("1 dollar", prompt)
         if prompt in seen:
             continue
         seen.add(prompt)
         final = str(numbers["change"] if "change" in numbers else numbers["cost"])
         solution = _solution(numbers, config.shared_template)
-        meta = {"task": TASK, "split": skill, "skill": skill, "template": f"{skill}.{templates}.{index}",
-                "numbers": numbers, "solution": solution, "final_answer": final,
-                "shared_template": config.shared_template, "answer_format": config.answer_format}
+        meta = {
+            "task": TASK,
+            "split": skill,
+            "skill": skill,
+            "template": f"{skill}.{templates}.{index}",
+            "numbers": numbers,
+            "solution": solution,
+            "final_answer": final,
+            "shared_template": config.shared_template,
+            "answer_format": config.answer_format,
+        }
         lines.append(record(prompt, solution if config.answer_format == "solution" else final, meta))
     return lines
 
@@ -285,8 +322,13 @@ def _pretrain(config: Config, rng: random.Random) -> list[dict]:
         for a, b in facts:
             result = a * b if op == "*" else a - b
             for i, form in enumerate(FACT_FORMS[op]):
-                meta = {"task": TASK, "split": "pretrain", "kind": kind, "template": f"{kind}.{i}",
-                        "numbers": {"a": a, "b": b, "result": result}}
+                meta = {
+                    "task": TASK,
+                    "split": "pretrain",
+                    "kind": kind,
+                    "template": f"{kind}.{i}",
+                    "numbers": {"a": a, "b": b, "result": result},
+                }
                 lines.append(record(form.format(a=a, b=b), str(result), meta))
     for _ in range(config.filler_sentences):
         index = rng.randrange(len(FILLER))
@@ -300,11 +342,27 @@ def _pretrain(config: Config, rng: random.Random) -> list[dict]:
 
 
 def describe(config: Config) -> dict:
-    """The world's knobs and the number of lines each split gets, for manifests and --verbose."""
+    """The world's knobs and the number of lines each split gets, for manifests and --verbose, with
+    `notes`: what `warnings_for` says about the combination of knobs (often nothing)."""
     pretrain = 2 * 81 + 2 * config.subtraction_facts + config.filler_sentences
-    lines = {"skill1": config.skill_problems, "skill2": config.skill_problems,
-             "composed": config.composed_problems, "pretrain": pretrain}
-    return {**asdict(config), "lines": lines}
+    lines = {
+        "skill1": config.skill_problems,
+        "skill2": config.skill_problems,
+        "composed": config.composed_problems,
+        "pretrain": pretrain,
+    }
+    return {**asdict(config), "lines": lines, "notes": warnings_for(config)}
+
+
+def warnings_for(config: Config) -> list[str]:
+    """Knob combinations that are valid but likely not what was meant (the CLI logs each as a warning)."""
+    warnings = []
+    if config.shared_template and config.answer_format == "number":
+        warnings.append(
+            "--shared-template changes only meta.solution unless --answer-format solution: "
+            "the answers stay bare numbers"
+        )
+    return warnings
 
 
 def final_number(text: str) -> str | None:

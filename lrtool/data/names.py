@@ -1,9 +1,13 @@
 """Fictional names for gen-data worlds: pronounceable, unique, and never a prefix of one another.
 
 No name is a prefix of another so that a greedy answer can be matched to one entity without ambiguity.
+The syllables below make about 11,000 distinct place names and well over a million person names; a pool
+that runs out raises UsageError instead of drawing forever (callers bound their counts well below that).
 """
 
 import random
+
+from lrtool.errors import UsageError
 
 _ONSETS = [
     "b",
@@ -33,11 +37,16 @@ _CODAS = ["", "", "", "n", "r", "l", "s", "th", "m"]
 _PLACE_ENDINGS = ["holm", "ford", "wick", "mere", "dale", "stead", "burg", "mouth", "vale", "haven"]
 
 
+# Draws in a row that may be rejected (a repeat, or a prefix of or by an earlier name) before a pool gives up.
+MAX_REJECTIONS = 10_000
+
+
 class NamePool:
     """Draws names from one seeded stream; all names drawn from a pool are distinct and prefix-free."""
 
-    def __init__(self, rng: random.Random):
+    def __init__(self, rng: random.Random, max_rejections: int = MAX_REJECTIONS):
         self.rng = rng
+        self.max_rejections = max_rejections
         self.names: set[str] = set()
         self.prefixes: set[str] = set()
 
@@ -51,17 +60,21 @@ class NamePool:
         self.prefixes.update(name[:i] for i in range(1, len(name)))
         return True
 
-    def person(self) -> str:
-        while True:
-            name = (self._syllable() + self._syllable()).capitalize()
+    def _draw(self, kind: str, make) -> str:
+        for _ in range(self.max_rejections + 1):
+            name = make().capitalize()
             if self._accept(name):
                 return name
+        raise UsageError(
+            f"ran out of distinct {kind} names: {self.max_rejections:,} draws in a row clashed with the "
+            f"{len(self.names):,} names already drawn; ask for fewer names"
+        )
+
+    def person(self) -> str:
+        return self._draw("person", lambda: self._syllable() + self._syllable())
 
     def place(self) -> str:
-        while True:
-            name = (self._syllable() + self.rng.choice(_PLACE_ENDINGS)).capitalize()
-            if self._accept(name):
-                return name
+        return self._draw("place", lambda: self._syllable() + self.rng.choice(_PLACE_ENDINGS))
 
     def people(self, count: int) -> list[str]:
         return [self.person() for _ in range(count)]

@@ -24,7 +24,7 @@ the test questions; `pretrain` holds the familiar facts, the bridge statements a
 import random
 from dataclasses import asdict, dataclass, fields
 
-from lrtool.data import record
+from lrtool.data import TEMPLATE_SETS, record
 from lrtool.data.names import NamePool
 from lrtool.errors import UsageError
 
@@ -32,8 +32,9 @@ TASK = "two-hop"
 SPLITS = ("pretrain", "hop1", "hop2", "direct", "twohop")
 HELDOUT_SPLITS = ("hop1", "hop2", "twohop")
 
-# Prompts end just before the answer; train and eval join them with one space. The eval templates reuse the
-# training vocabulary in new arrangements, so a model that knows the fact can answer without new words.
+# Prompts end just before the answer; train and eval join them with one space. The eval templates rearrange
+# words of the training templates and filler (same case), so a word-level tokenizer trained on the training
+# splits knows every word of them; yet no training prompt matches an eval template's fixed parts.
 TEMPLATES = {
     "mentor": {
         "train": [
@@ -45,8 +46,8 @@ TEMPLATES = {
         ],
         "eval": [
             "Q: Who was the mentor of {a}? A:",
-            "{a} had a mentor named",
-            "Name the mentor of {a}:",
+            "Q: Who was {a} mentored by? A:",
+            "The mentor {a} studied under is",
         ],
     },
     "birthplace": {
@@ -58,9 +59,9 @@ TEMPLATES = {
             "Q: Where was {b} born? A:",
         ],
         "eval": [
-            "Q: Which city was {b} born in? A:",
-            "{b} came into the world in",
-            "Name the birthplace of {b}:",
+            "Q: Where is the birthplace of {b}? A:",
+            "The city {b} is from is",
+            "{b} was born in the city of",
         ],
     },
     "mentor_birthplace": {
@@ -71,20 +72,26 @@ TEMPLATES = {
             "Q: Where was {a}'s mentor born? A:",
         ],
         "eval": [
-            "Q: Which city was the mentor of {a} born in? A:",
-            "{a}'s mentor came into the world in",
-            "Name the birthplace of {a}'s mentor:",
+            "Q: Where is the birthplace of the mentor of {a}? A:",
+            "The city {a}'s mentor is from is",
+            "{a}'s mentor was born in the city of",
         ],
     },
 }
-# Filler for the pretrain corpus: makes the cities ordinary words of the base's language.
+# Filler for the pretrain corpus: makes the cities ordinary words of the base's language. Each city has one
+# thing it is known for (`World.thing_of`, drawn once per world), and every filler line's answer is that
+# thing, so the answer follows from the prompt (no prompt has two answers) and never appears in it.
 FILLER = [
-    ("Many travellers visit {c}", "{c}"),
-    ("{c} is known for its", "{thing}"),
-    ("The old road leads to", "{c}"),
-    ("In {c} the people are fond of their", "{thing}"),
+    "{c} is known for its",
+    "In {c} the people are fond of their",
+    "Many travellers visit {c} for its",
 ]
 FILLER_THINGS = ["market", "bridge", "harbour", "gardens", "library", "music", "bread", "towers"]
+
+# Upper bounds on the world's size: the name pool holds about 11,000 distinct prefix-free place names and
+# well over a million person names; these limits keep every draw quick (a handful of rejections at most).
+MAX_CITIES = 5_000
+MAX_NAMES = 200_000  # cities + familiar and new mentors + familiar, H and F people
 
 SIZES = {
     "tiny": dict(
@@ -153,12 +160,32 @@ class Config:
         for name in ("cities", "familiar_mentors"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.cities > MAX_CITIES:
+            raise UsageError(f"--cities must be at most {MAX_CITIES:,}, got {self.cities:,}")
+        if self.total_names > MAX_NAMES:
+            raise UsageError(
+                f"the world would need {self.total_names:,} names (cities, mentors and people), more than "
+                f"the {MAX_NAMES:,} allowed: lower --cities, --familiar-mentors, --new-mentors, "
+                "--familiar-people, --h-people or --f-people"
+            )
         if self.f_people and not self.new_mentors:
             raise UsageError("--f-people needs at least one new mentor (--new-mentors)")
         if self.r_people + self.h_people + self.f_people == 0:
             raise UsageError(
                 "the world has no test chains: raise --familiar-people, --h-people or --f-people"
             )
+
+    @property
+    def total_names(self) -> int:
+        """Every name the world draws: cities, mentors and people."""
+        return (
+            self.cities
+            + self.familiar_mentors
+            + self.new_mentors
+            + self.familiar_people
+            + self.h_people
+            + self.f_people
+        )
 
     @property
     def bridge_people(self) -> int:
@@ -190,6 +217,7 @@ class World:
     familiar_mentors: list[str]
     chains: list[Chain]  # bridge chains first, then R, H, F test chains
     birthplace: dict[str, str]  # mentor -> city, for every mentor
+    thing_of: dict[str, str]  # city -> the one thing it is known for (the answer of its filler lines)
 
     @property
     def test_chains(self) -> list[Chain]:
@@ -229,7 +257,9 @@ def build_world(config: Config, seed: int) -> World:
     ):
         for person, mentor in zip(people, _spread(mentors, len(people), rng)):
             chains.append(Chain(person, mentor, birthplace[mentor], familiarity, mentor in bridged))
-    return World(config, seed, cities, familiar_mentors, chains, birthplace)
+    # Drawn last, so that the names and chains do not depend on the filler.
+    thing_of = {city: rng.choice(FILLER_THINGS) for city in cities}
+    return World(config, seed, cities, familiar_mentors, chains, birthplace, thing_of)
 
 
 def _spread(items: list[str], count: int, rng: random.Random) -> list[str]:
@@ -247,8 +277,8 @@ def generate(config: Config, split: str, *, seed: int, templates: str = "train")
     """The records of one split of the world that (config, seed) defines."""
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    if templates not in ("train", "eval"):
-        raise UsageError(f"unknown template set {templates!r}; choose train or eval")
+    if templates not in TEMPLATE_SETS:
+        raise UsageError(f"unknown template set {templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
     if split == "pretrain" and templates != "train":
         raise UsageError("the pretrain split uses the training templates only (drop --templates eval)")
     world = build_world(config, seed)
@@ -304,15 +334,10 @@ def _pretrain(world: World, rng: random.Random) -> list[dict]:
         for text, tid in _fill("birthplace", "train", b=mentor):
             lines.append(_line(text, city, "pretrain", tid, [mentor, city], kind="hop2"))
     for _ in range(world.config.filler):
-        prompt, answer = rng.choice(FILLER)
-        values = {"c": rng.choice(world.cities), "thing": rng.choice(FILLER_THINGS)}
-        meta = {
-            "task": TASK,
-            "split": "pretrain",
-            "kind": "filler",
-            "template": f"filler.{FILLER.index((prompt, answer))}",
-        }
-        lines.append(record(prompt.format(**values), answer.format(**values), meta))
+        index = rng.randrange(len(FILLER))
+        city = rng.choice(world.cities)
+        meta = {"task": TASK, "split": "pretrain", "kind": "filler", "template": f"filler.{index}"}
+        lines.append(record(FILLER[index].format(c=city), world.thing_of[city], meta))
     rng.shuffle(lines)
     return lines
 
@@ -330,4 +355,14 @@ def _line(prompt: str, answer: str, split: str, template: str, chain: list[str],
 
 def describe(config: Config) -> dict:
     """The world's sizes, for manifests and --verbose."""
-    return {**asdict(config), "bridge_people": config.bridge_people, "r_people": config.r_people}
+    return {
+        **asdict(config),
+        "bridge_people": config.bridge_people,
+        "r_people": config.r_people,
+        "total_names": config.total_names,
+    }
+
+
+def warnings_for(config: Config) -> list[str]:
+    """Settings that are legal but probably not what was meant (none for the two-hop world yet)."""
+    return []
