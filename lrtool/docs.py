@@ -32,8 +32,10 @@ PROG = "lrtool"
 
 EXIT_STATUS = (
     (EXIT_OK, "Success."),
-    (EXIT_RUNTIME, "Runtime error: a bad input file, incompatible adapters, an output that exists "
-                   "without --force, ..."),
+    (
+        EXIT_RUNTIME,
+        "Runtime error: a bad input file, incompatible adapters, an output that exists without --force, ...",
+    ),
     (EXIT_USAGE, "Usage error: an unknown, missing or conflicting option, a value out of range."),
     (EXIT_GATE, "A quality gate failed (eval --fail-under, diagnose --fail-on)."),
     (EXIT_INTERRUPTED, "Interrupted (Ctrl-C or SIGTERM); no partial output is left behind."),
@@ -247,7 +249,7 @@ def _examples(epilog: str) -> tuple[str, list[list[str]]]:
     for i, line in enumerate(lines):
         if line.strip().lower() in ("examples:", "example:"):
             prose = "\n".join(lines[:i])
-            return prose, _paragraphs(textwrap.dedent("\n".join(lines[i + 1:])))
+            return prose, _paragraphs(textwrap.dedent("\n".join(lines[i + 1 :])))
     return epilog, []
 
 
@@ -347,7 +349,7 @@ def _man_params(params: tuple[Param, ...]) -> list[str]:
 
 def _man_header(title: str, summary: str) -> list[str]:
     return [
-        r'.\" Generated from lrtool/cli.py by `python -m lrtool.docs` (make docs): do not edit.',
+        r".\" Generated from lrtool/cli.py by `python -m lrtool.docs` (make docs): do not edit.",
         f'.TH {_esc(title.upper())} 1 "" "{PROG} {_esc(__version__)}" "{PROG} manual"',
         ".nh",  # no hyphenation: option names must not break
         ".ad l",
@@ -454,7 +456,10 @@ def _bash(root: Command) -> str:
     valued = [(words(c.path), words(o for p in c.options if p.takes_value for o in p.opts)) for c in commands]
     choices = [
         (f"{words(c.path)}|{o}", words(p.choices))
-        for c in commands for p in c.options if p.takes_value and p.choices for o in p.opts
+        for c in commands
+        for p in c.options
+        if p.takes_value and p.choices
+        for o in p.opts
     ]
     lines = [
         f"# bash completion for {PROG}, {_GENERATED}",
@@ -589,7 +594,7 @@ def _zsh(root: Command) -> str:
         lines += _zsh_command(cmd)
     lines += [
         "if [[ $zsh_eval_context[-1] == loadautofunc ]]; then",
-        "  _lrtool \"$@\"  # autoloaded from $fpath",
+        '  _lrtool "$@"  # autoloaded from $fpath',
         "else",
         "  compdef _lrtool lrtool  # sourced",
         "fi",
@@ -675,8 +680,10 @@ def generate(outdir: Path, app: typer.Typer | None = None) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) > 1 or args[:1] in (["-h"], ["--help"]):
-        print("usage: python -m lrtool.docs [OUTDIR]  (writes OUTDIR/man and OUTDIR/completions; OUTDIR: .)",
-              file=sys.stdout if len(args) == 1 else sys.stderr)
+        print(
+            "usage: python -m lrtool.docs [OUTDIR]  (writes OUTDIR/man and OUTDIR/completions; OUTDIR: .)",
+            file=sys.stdout if len(args) == 1 else sys.stderr,
+        )
         sys.exit(2 if len(args) > 1 else 0)
     outdir = Path(args[0] if args else ".")
     written = generate(outdir)

@@ -84,12 +84,16 @@ def _man_section(root: Path, path: tuple[str, ...]) -> str:
 
 def _bash_complete(script: Path, line: str) -> list[str]:
     """COMPREPLY of the bash completion for a command line typed up to the cursor."""
-    program = 'source "$1"; shift; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _lrtool; printf "%s\\n" ' \
-              '"${COMPREPLY[@]}"'
+    program = (
+        'source "$1"; shift; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _lrtool; printf "%s\\n" '
+        '"${COMPREPLY[@]}"'
+    )
     words = line.split(" ")
     done = subprocess.run(
         ["bash", "--norc", "--noprofile", "-c", program, "bash", str(script), *words],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return done.stdout.split()
 
@@ -99,8 +103,11 @@ def _bash_complete(script: Path, line: str) -> list[str]:
 
 def test_committed_man_pages_and_completions_match_the_app(generated):
     committed, fresh = _files(REPO), _files(generated)
-    problems = [f"  differs:           {name}" for name in sorted(committed.keys() & fresh.keys())
-                if committed[name] != fresh[name]]
+    problems = [
+        f"  differs:           {name}"
+        for name in sorted(committed.keys() & fresh.keys())
+        if committed[name] != fresh[name]
+    ]
     problems += [f"  no longer made:    {name}" for name in sorted(committed.keys() - fresh.keys())]
     problems += [f"  missing from repo: {name}" for name in sorted(fresh.keys() - committed.keys())]
     assert not problems, (
@@ -111,8 +118,13 @@ def test_committed_man_pages_and_completions_match_the_app(generated):
 
 def test_generation_is_byte_identical_across_processes(generated, tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "123"}
-    subprocess.run([sys.executable, "-m", "lrtool.docs", str(tmp_path)], check=True, env=env, cwd=REPO,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "lrtool.docs", str(tmp_path)],
+        check=True,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+    )
     assert _files(tmp_path) == _files(generated)
 
 
@@ -207,8 +219,12 @@ def test_lrtool_1_documents_the_environment(generated):
 def test_bash_script_parses_and_registers_with_default_file_completion(generated):
     script = generated / "completions/lrtool.bash"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    done = subprocess.run(["bash", "--norc", "--noprofile", "-c", f"source {script}; complete -p lrtool"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", f"source {script}; complete -p lrtool"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "-F _lrtool" in done.stdout and "-o default" in done.stdout
 
 
@@ -219,15 +235,18 @@ def test_bash_completes_verbs_subcommands_and_options(generated):
     assert _bash_complete(script, "lrtool gen-data two-hop --sp") == ["--split"]
 
 
-@pytest.mark.parametrize(("line", "expected"), [
-    ("lrtool gen-data two-hop --split ", ["pretrain", "hop1", "hop2", "direct", "twohop"]),
-    ("lrtool gen-data two-hop --seed 3 -o out.jsonl --split tw", ["twohop"]),
-    ("lrtool gen-data two-hop --split=tw", ["--split=twohop"]),  # COMP_WORDBREAKS without '='
-    ("lrtool gen-data two-hop --split = tw", ["twohop"]),  # ... and with it
-    ("lrtool gen-data two-hop --size ", ["tiny", "small", "gpu"]),
-    ("lrtool gen-data two-hop --out ", []),  # a path: bash's own file names (-o default)
-    ("lrtool gen-data two-hop -- ", []),
-])
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("lrtool gen-data two-hop --split ", ["pretrain", "hop1", "hop2", "direct", "twohop"]),
+        ("lrtool gen-data two-hop --seed 3 -o out.jsonl --split tw", ["twohop"]),
+        ("lrtool gen-data two-hop --split=tw", ["--split=twohop"]),  # COMP_WORDBREAKS without '='
+        ("lrtool gen-data two-hop --split = tw", ["twohop"]),  # ... and with it
+        ("lrtool gen-data two-hop --size ", ["tiny", "small", "gpu"]),
+        ("lrtool gen-data two-hop --out ", []),  # a path: bash's own file names (-o default)
+        ("lrtool gen-data two-hop -- ", []),
+    ],
+)
 def test_bash_completes_option_values(generated, line, expected):
     assert _bash_complete(generated / "completions/lrtool.bash", line) == expected
 
@@ -245,10 +264,13 @@ def test_fish_script_parses_and_completes(generated):
     subprocess.run(["fish", "--no-execute", str(script)], check=True)
     done = subprocess.run(
         ["fish", "--no-config", "-c", f"source {script}; complete -C 'lrtool gen-data two-hop --split '"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert [line.split("\t")[0] for line in done.stdout.splitlines()] == sorted(
-        ["pretrain", "hop1", "hop2", "direct", "twohop"])
+        ["pretrain", "hop1", "hop2", "direct", "twohop"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -294,8 +316,10 @@ class Speed(str, Enum):
 
 def _awkward_app() -> typer.Typer:
     """An app whose help texts hold everything roff and the shells treat specially."""
-    awkward = typer.Typer(help="Tool with \\back\\slashes, 'quotes', \"doubles\", [brackets]: and colons.",
-                          rich_markup_mode="markdown")
+    awkward = typer.Typer(
+        help="Tool with \\back\\slashes, 'quotes', \"doubles\", [brackets]: and colons.",
+        rich_markup_mode="markdown",
+    )
 
     @awkward.command(epilog="Examples:\n\n  tool run --speed fast 'a b' \\\n    --dry-run\n\n  .dot-first")
     def run(
