@@ -341,7 +341,9 @@ class MergePlan:
     def from_linear(self, inputs: ModuleInputs, exact: Update) -> float:
         """||exact - linear||_F / ||linear||_F: how far the method's result is from sum_i w_i dW_i."""
         linear = Update.factored(*inputs.linear())
-        if exact.is_factored:  # 0 exactly for linear itself: distance keeps equal factors' difference at 0
+        if exact.is_factored:
+            if torch.equal(exact.B, linear.B) and torch.equal(exact.A, linear.A):
+                return 0.0  # the linear method itself: the distance would be 0 too, after a Gram product
             return relative(linear.distance(exact.B, exact.A), linear.norm())
         return relative(exact.distance(linear.B, linear.A), linear.norm())
 
