@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError
+from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError, one_line
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -143,17 +143,13 @@ def _pickled(path: Path) -> UnsupportedFeatureError:
     )
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
 def _index(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
     """The shape of every tensor in a safetensors file, and its metadata, without reading the tensors."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return {key: f.get_slice(key).get_shape() for key in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError) as error:
-        raise InputError(f"{path}: not a readable safetensors file ({_one_line(error)})") from error
+        raise InputError(f"{path}: not a readable safetensors file ({one_line(error)})") from error
 
 
 def _read(path: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -161,7 +157,7 @@ def _read(path: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             return {key: f.get_tensor(key) for key in keys}
     except (SafetensorError, OSError) as error:
-        raise InputError(f"{path}: not a readable safetensors file ({_one_line(error)})") from error
+        raise InputError(f"{path}: not a readable safetensors file ({one_line(error)})") from error
 
 
 # The key grammar, public because diagnose reads files this module refuses. How each naming family writes
@@ -300,9 +296,9 @@ def _read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise InputError(f"{path}: invalid JSON ({_one_line(error)})") from error
+        raise InputError(f"{path}: invalid JSON ({one_line(error)})") from error
     except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read ({_one_line(error)})") from error
+        raise InputError(f"{path}: cannot read ({one_line(error)})") from error
     if not isinstance(config, dict):
         raise InputError(f"{path}: expected a JSON object")
     return config

@@ -45,3 +45,8 @@ class QualityGateError(LrtoolError):
     """A quality gate failed (eval --fail-under, diagnose --fail-on)."""
 
     exit_code = EXIT_GATE
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (library messages span several), or its class name if empty."""
+    return " ".join(str(error).split()) or type(error).__name__

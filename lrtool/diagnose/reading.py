@@ -43,7 +43,7 @@ from lrtool.adapters import (
     pattern_key,
 )
 from lrtool.diagnose.findings import finding
-from lrtool.errors import IncompatibleError, InputError, LrtoolError, UnsupportedFeatureError
+from lrtool.errors import IncompatibleError, InputError, LrtoolError, UnsupportedFeatureError, one_line
 
 
 @dataclass
@@ -478,7 +478,7 @@ def _load(item: AdapterInput) -> None:
     try:
         adapter = load_adapter(item.path)
     except (LrtoolError, OSError, ValueError, RuntimeError) as error:
-        item.refused = " ".join(str(error).split()) or type(error).__name__
+        item.refused = one_line(error)
         if not any(f["severity"] in ("error", "warning") for f in item.findings):
             # Stage 1 missed what the loader refuses: report it rather than pass the file as clean.
             code = "unsupported-feature" if isinstance(error, UnsupportedFeatureError) else "malformed"

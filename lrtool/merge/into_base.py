@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lrtool.adapters import PICKLE_SUFFIXES
-from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError
+from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError, one_line
 from lrtool.merge.base import MergePlan, all_finite, overflow_message, relative
 
 # The files of a model directory that are neither weights nor ours, copied as they are.
@@ -54,17 +54,13 @@ def _copy_bytes(reader, out, size: int, truncated: str) -> None:
         size -= len(block)
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
 def _read_header(path: Path) -> tuple[int, dict]:
     """(where the data starts, the JSON header) of a safetensors file, checked by the library first."""
     try:
         with safe_open(str(path), framework="pt"):
             pass
     except (SafetensorError, OSError) as error:
-        raise InputError(f"{path}: not a readable safetensors file ({_one_line(error)})") from error
+        raise InputError(f"{path}: not a readable safetensors file ({one_line(error)})") from error
     with open(path, "rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
         return 8 + size, json.loads(handle.read(size))
@@ -127,7 +123,7 @@ class BaseModel:
         try:
             content = json.loads(index.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise InputError(f"{index}: not a safetensors index ({_one_line(error)})") from error
+            raise InputError(f"{index}: not a safetensors index ({one_line(error)})") from error
         weight_map = content.get("weight_map") if isinstance(content, dict) else None
         if not isinstance(weight_map, dict) or not all(
             isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()
