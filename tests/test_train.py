@@ -60,6 +60,16 @@ def base(world):
     return out
 
 
+def assert_same_updates(dir_a, dir_b, atol: float, rtol: float = 0.0):
+    """Two saved adapters apply the same update to every module (same modules, deltas within tolerance)."""
+    from lrtool.adapters import load_adapter
+
+    a, b = load_adapter(dir_a), load_adapter(dir_b)
+    assert set(a.modules) == set(b.modules)
+    for name, module in a.modules.items():
+        torch.testing.assert_close(module.delta(), b.modules[name].delta(), atol=atol, rtol=rtol)
+
+
 def lines(path, n=None):
     rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
     return rows[:n] if n else rows
@@ -179,7 +189,6 @@ def test_an_interrupted_run_keeps_a_checkpoint_and_resume_ends_where_an_uninterr
     world, base, cli, tmp_path, monkeypatch
 ):
     import lrtool.train as training
-    from lrtool.adapters import load_adapter
 
     args = [
         "train",
@@ -214,9 +223,7 @@ def test_an_interrupted_run_keeps_a_checkpoint_and_resume_ends_where_an_uninterr
     monkeypatch.setattr(training, "train", real_train)
     code, _, _ = cli(*args, "--resume", "-o", str(tmp_path / "resumed"))
     assert code == 0 and not (tmp_path / "resumed.ckpt").exists()
-    straight, resumed = load_adapter(tmp_path / "straight"), load_adapter(tmp_path / "resumed")
-    for name, module in straight.modules.items():
-        assert torch.allclose(module.delta(), resumed.modules[name].delta(), atol=1e-7)
+    assert_same_updates(tmp_path / "straight", tmp_path / "resumed", atol=1e-7)
     steps = [x["step"] for x in lines(tmp_path / "resumed" / "train_log.jsonl") if "loss" in x]
     assert steps == [10, 12]
 
@@ -404,7 +411,6 @@ def test_missing_the_accuracy_bar_writes_the_output_and_exits_3(world, base, cli
     reason="torchrun is not installed",
 )
 def test_torchrun_with_two_processes_gives_the_single_process_adapter(world, base, tmp_path):
-    from lrtool.adapters import load_adapter
 
     common = [
         str(world / "hop1.jsonl"),
@@ -449,16 +455,13 @@ def test_torchrun_with_two_processes_gives_the_single_process_adapter(world, bas
     )
     assert double.returncode == 0, double.stderr
     assert double.stdout.strip() == str(tmp_path / "two")  # reported once, by rank 0
-    one, two = load_adapter(tmp_path / "one"), load_adapter(tmp_path / "two")
-    for name, module in one.modules.items():
-        torch.testing.assert_close(module.delta(), two.modules[name].delta(), atol=1e-5, rtol=1e-4)
+    assert_same_updates(tmp_path / "one", tmp_path / "two", atol=1e-5, rtol=1e-4)
 
 
 def test_a_signal_in_the_middle_of_a_step_stops_at_the_step_boundary_and_resumes_exactly(
     world, base, cli, tmp_path, monkeypatch
 ):
     import lrtool.train as training
-    from lrtool.adapters import load_adapter
 
     args = [
         "train",
@@ -489,9 +492,7 @@ def test_a_signal_in_the_middle_of_a_step_stops_at_the_step_boundary_and_resumes
     assert json.loads((tmp_path / "resumed.ckpt" / "checkpoint.json").read_text())["step"] == 3
     monkeypatch.setattr(training, "_token_loss_sum", real_loss)
     assert cli(*args, "--resume", "-o", str(tmp_path / "resumed"))[0] == 0
-    straight, resumed = load_adapter(tmp_path / "straight"), load_adapter(tmp_path / "resumed")
-    for name, module in straight.modules.items():
-        assert torch.allclose(module.delta(), resumed.modules[name].delta(), atol=1e-7)
+    assert_same_updates(tmp_path / "straight", tmp_path / "resumed", atol=1e-7)
 
 
 @pytest.mark.parametrize(
