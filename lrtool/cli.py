@@ -21,6 +21,7 @@ import typer
 from typer._click import exceptions as click_exceptions  # typer >= 0.26 carries its own click
 
 from lrtool import __version__, io
+from lrtool import train as training
 from lrtool.data import math as math_problems
 from lrtool.data import twohop
 from lrtool.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, LrtoolError, UsageError
@@ -317,25 +318,11 @@ def math_command(
 # ---------------------------------------------------------------------------------------------- train
 
 
-class Schedule(str, Enum):
-    cosine = "cosine"
-    constant = "constant"
-
-
-class Loss(str, Enum):
-    answer = "answer"
-    all = "all"
-
-
-class Init(str, Enum):
-    default = "default"
-    gaussian = "gaussian"
-
-
-class Dtype(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+# The choices come from lrtool.train (which imports torch only inside its functions).
+Schedule = _split_enum("Schedule", training.SCHEDULES)
+Loss = _split_enum("Loss", training.LOSSES)
+Init = _split_enum("Init", training.INIT_CHOICES)
+Dtype = _split_enum("Dtype", training.DTYPES)
 
 
 def _opt(*flags: str, help: str, **kwargs):
@@ -388,9 +375,9 @@ def train(
             show_default=False,
         ),
     ] = None,
-    init: Annotated[
-        Init, _opt("--init", help="LoRA initialisation (peft's init_lora_weights).")
-    ] = Init.default,
+    init: Annotated[Init, _opt("--init", help="LoRA initialisation (peft's init_lora_weights).")] = Init(
+        "default"
+    ),
     train_tokens: Annotated[
         str | None,
         _opt(
@@ -456,9 +443,9 @@ def train(
             "--warmup", min=0, help="Linear warm-up steps (default: a tenth of the run).", show_default=False
         ),
     ] = None,
-    schedule: Annotated[Schedule, _opt("--schedule", help="Learning-rate schedule after warm-up.")] = (
-        Schedule.cosine
-    ),
+    schedule: Annotated[
+        Schedule, _opt("--schedule", help="Learning-rate schedule after warm-up.")
+    ] = Schedule("cosine"),
     loss: Annotated[
         Loss | None,
         _opt(
