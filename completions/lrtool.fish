@@ -3,15 +3,16 @@
 complete -c lrtool -f  # file names only where a value or an argument is one
 
 # lrtool
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -a train -d 'Train a LoRA (or, with --full, every weight) of a causal LM on JSONL prompt/answer datasets.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -a merge -d 'Merge LoRA adapters into one adapter, or into a base model\'s weights, exactly as each method defines.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -a diagnose -d 'Check LoRA adapters before using or merging them: intact, format, fit to a base, spectra, interference.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -a gen-data -d 'Generate synthetic datasets whose test sets need composition.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -s q -l quiet -d 'Print nothing but data and errors.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -s v -l verbose -d 'Log more detail to stderr.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -l debug -d 'Show tracebacks (also LRTOOL_DEBUG=1).'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -l version -d 'Print the version and exit.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose gen-data' -s h -l help -d 'Show this message and exit.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -a train -d 'Train a LoRA (or, with --full, every weight) of a causal LM on JSONL prompt/answer datasets.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -a merge -d 'Merge LoRA adapters into one adapter, or into a base model\'s weights, exactly as each method defines.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -a diagnose -d 'Check LoRA adapters before using or merging them: intact, format, fit to a base, spectra, interference.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -a eval -d 'Score base, adapters, merges and models side by side on JSONL datasets, with intervals.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -a gen-data -d 'Generate synthetic datasets whose test sets need composition.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -s q -l quiet -d 'Print nothing but data and errors.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -s v -l verbose -d 'Log more detail to stderr.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -l debug -d 'Show tracebacks (also LRTOOL_DEBUG=1).'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -l version -d 'Print the version and exit.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -s h -l help -d 'Show this message and exit.'
 
 # lrtool train
 complete -c lrtool -n '__fish_seen_subcommand_from train' -l base -r -F -d 'Base model: a Hugging Face model directory, a hub id, or tiny / tiny:PRESET (micro, tiny, small, base) for a new Llama made here.'
@@ -76,6 +77,36 @@ complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -s q -l quiet -d 'P
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -s v -l verbose -d 'Log more detail to stderr.'
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -s h -l help -d 'Show this message and exit.'
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -F
+
+# lrtool eval
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l base -r -F -d 'The base model: a Hugging Face model directory or hub id.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l system -r -F -d 'A system to score; SPEC is base, adapter:PATH, model:DIR or router:DIR.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l adapter -r -F -d 'Shorthand for --system NAME=adapter:PATH.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l model -r -F -d 'Shorthand for --system NAME=model:DIR.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l score -r -F -d 'What to score: exact match, log-likelihoods, or both (see the description).'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l choices -r -F -d 'Candidate answers for choice_accuracy, one a line (default: each dataset\'s distinct answers of the same meta.task).'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l max-choices -x -d 'At most this many candidates per example (answer included).'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l by -r -F -d 'Break results down by meta keys; commas cross keys, repeat for several breakdowns (default: each meta key with 2 to 20 distinct values).'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l bootstrap -x -d 'Bootstrap resamples of each interval (0: no intervals).'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l reference -r -F -d 'Add each other system\'s paired difference to this one, with its interval.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l limit -x -d 'Score the first N examples of each dataset.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l batch-size -x -d '(system, example) rows per forward pass.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l max-new-tokens -x -d 'Longest generation (default: the longest answer plus 16 tokens).'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l chat-template -d 'Format prompts with the tokenizer\'s chat template (as train does).'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l device -r -F -d 'Where to run; auto picks CUDA when present.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l dtype -x -a 'float32 bfloat16 float16' -d 'Weights\' dtype (default: the base\'s).'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l seed -x -d 'Seed of the bootstrap and of candidate draws: same seed, same bytes.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -s o -l out -r -F -d 'Write the report to FILE instead of stdout.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l predictions -r -F -d 'Write one line per (system, example): prompt, answer, prediction, correct, loglik, meta.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l table -d 'Also print the results as a table on stderr.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l plot -r -F -d 'Draw bars with intervals by system and the first --by key (needs matplotlib).'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l fail-under -x -d 'Exit 3, after writing, when a system\'s metric on a whole dataset is below X.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l trust-remote-code -d 'Allow the models\' own Python code (off by default).'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l force -d 'Replace an existing output.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -s q -l quiet -d 'Print nothing but data and errors.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -s v -l verbose -d 'Log more detail to stderr.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -s h -l help -d 'Show this message and exit.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -F
 
 # lrtool gen-data
 complete -c lrtool -n '__fish_seen_subcommand_from gen-data; and not __fish_seen_subcommand_from two-hop math' -a two-hop -d 'Two-hop knowledge: "A\'s mentor is B", "B was born in C", and "where was A\'s mentor born?".'

@@ -18,6 +18,7 @@ _lrtool() {
         'train:Train a LoRA (or, with --full, every weight) of a causal LM on JSONL prompt/answer datasets.'
         'merge:Merge LoRA adapters into one adapter, or into a base model'\''s weights, exactly as each method defines.'
         'diagnose:Check LoRA adapters before using or merging them: intact, format, fit to a base, spectra, interference.'
+        'eval:Score base, adapters, merges and models side by side on JSONL datasets, with intervals.'
         'gen-data:Generate synthetic datasets whose test sets need composition.'
       )
       _describe -t commands 'lrtool command' commands && ret=0
@@ -28,6 +29,7 @@ _lrtool() {
         (train) _lrtool_train && ret=0 ;;
         (merge) _lrtool_merge && ret=0 ;;
         (diagnose) _lrtool_diagnose && ret=0 ;;
+        (eval) _lrtool_eval && ret=0 ;;
         (gen-data) _lrtool_gen_data && ret=0 ;;
       esac
       ;;
@@ -103,6 +105,38 @@ _lrtool_diagnose() {
     '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
     '(-h --help)'{-h,--help}'[Show this message and exit.]' \
     '*:ADAPTER...:_files'
+}
+
+_lrtool_eval() {
+  _arguments -s -S \
+    '--base=[The base model\: a Hugging Face model directory or hub id.]:BASE:_files' \
+    '*--system=[A system to score; SPEC is base, adapter\:PATH, model\:DIR or router\:DIR.]:NAME=SPEC:_files' \
+    '*--adapter=[Shorthand for --system NAME=adapter\:PATH.]:PATH:_files' \
+    '*--model=[Shorthand for --system NAME=model\:DIR.]:DIR:_files' \
+    '--score=[What to score\: exact match, log-likelihoods, or both (see the description).]:exact|loglik|exact,loglik:_files' \
+    '--choices=[Candidate answers for choice_accuracy, one a line (default\: each dataset'\''s distinct answers of the same meta.task).]:FILE:_files' \
+    '--max-choices=[At most this many candidates per example (answer included).]:INT: ' \
+    '*--by=[Break results down by meta keys; commas cross keys, repeat for several breakdowns (default\: each meta key with 2 to 20 distinct values).]:KEY\[,KEY\]:_files' \
+    '--bootstrap=[Bootstrap resamples of each interval (0\: no intervals).]:INT: ' \
+    '--reference=[Add each other system'\''s paired difference to this one, with its interval.]:NAME:_files' \
+    '--limit=[Score the first N examples of each dataset.]:N: ' \
+    '--batch-size=[(system, example) rows per forward pass.]:INT: ' \
+    '--max-new-tokens=[Longest generation (default\: the longest answer plus 16 tokens).]:INT: ' \
+    '--chat-template[Format prompts with the tokenizer'\''s chat template (as train does).]' \
+    '--device=[Where to run; auto picks CUDA when present.]:auto|cpu|cuda\[\:N\]:_files' \
+    '--dtype=[Weights'\'' dtype (default\: the base'\''s).]:DTYPE:(float32 bfloat16 float16)' \
+    '--seed=[Seed of the bootstrap and of candidate draws\: same seed, same bytes.]:INT: ' \
+    '(-o --out)'{-o+,--out=}'[Write the report to FILE instead of stdout.]:FILE:_files' \
+    '--predictions=[Write one line per (system, example)\: prompt, answer, prediction, correct, loglik, meta.]:FILE.jsonl:_files' \
+    '--table[Also print the results as a table on stderr.]' \
+    '--plot=[Draw bars with intervals by system and the first --by key (needs matplotlib).]:FILE.png:_files' \
+    '--fail-under=[Exit 3, after writing, when a system'\''s metric on a whole dataset is below X.]:X: ' \
+    '--trust-remote-code[Allow the models'\'' own Python code (off by default).]' \
+    '--force[Replace an existing output.]' \
+    '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
+    '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
+    '(-h --help)'{-h,--help}'[Show this message and exit.]' \
+    '*:DATA.jsonl...:_files'
 }
 
 _lrtool_gen_data() {

@@ -578,35 +578,39 @@ def train(
 
 
 @contextlib.contextmanager
-def _progress(disabled: bool):
-    """A rich progress bar on stderr, only on a terminal; yields the callback train() calls."""
+def _progress(disabled: bool, label: str = "train"):
+    """A rich progress bar on stderr, only on a terminal; yields the callback the core calls with
+    (done, total, metrics): train's steps, eval's rows."""
     if disabled or not sys.stderr.isatty() or log.level > logging.INFO:
         yield None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
-        TextColumn("train"),
+        TextColumn(label),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=_stderr_console(), transient=True) as bar:
-        task = bar.add_task("train", total=None, info="")
+        task = bar.add_task(label, total=None, info="")
 
-        def update(step: int, total: int, metrics: dict) -> None:
-            info = f"loss {metrics['loss']:.4f}"
-            if metrics.get("accuracy") is not None:
+        def update(step: int, total: int, metrics: dict | None = None) -> None:
+            info = f"loss {metrics['loss']:.4f}" if metrics and "loss" in metrics else ""
+            if metrics and metrics.get("accuracy") is not None:
                 info += f"  acc {metrics['accuracy']:.3f}"
             bar.update(task, completed=step, total=total, info=info)
 
         yield update
 
 
-def _stderr_console():
+def _stderr_console(wide: bool = False):
+    """A console on stderr; `wide` tables keep their rows on one line when stderr is a file or a pipe."""
     from rich.console import Console
 
+    if wide and not sys.stderr.isatty():
+        return Console(stderr=True, width=200)
     return Console(stderr=True)
 
 
@@ -910,6 +914,319 @@ def _diagnose_table(report: dict) -> None:
                 pair["verdict"],
             )
         console.print(pairs)
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+def _eval_epilog() -> str:
+    paragraphs = [
+        "Scores: exact (default): greedy generation from the prompt, formatted exactly as train formats it, "
+        "until EOS or --max-new-tokens; correct when the generated text and the answer are equal once "
+        "surrounding whitespace is stripped from both. loglik: the answer's log-likelihood after the prompt "
+        "(its tokens, EOS excluded): loglik is the total, loglik_per_token the total over the answer's "
+        "token count, choice_accuracy whether the answer's total beats (strictly) every other candidate's; "
+        "the candidates are --choices' lines or the distinct answers of the same dataset and meta.task, at "
+        "most --max-choices of them (a seeded draw per example, the same for every system).",
+        "Report (stdout, or -o FILE): one JSON object, keys sorted, floats to 6 significant digits. "
+        "settings; inputs (path -> sha256 of each dataset, system path and local base); datasets (name = "
+        "the file's stem, path, examples); systems (name, spec, resolved path, kind, and for adapters "
+        "format, modules, rank); rows, a flat list: one object per (system, dataset, group) with system, "
+        "dataset, group (meta key -> value; {} for the whole dataset), n, each metric scored (exact_match, "
+        "loglik, loglik_per_token, choice_accuracy) and <metric>_ci95 = [lo, hi], the 2.5th and 97.5th "
+        "percentiles over --bootstrap resamples of the cell's examples. With --reference, rows that carry "
+        "reference hold <metric>_difference (system minus reference on the same examples) and "
+        "<metric>_difference_ci95, resampling the examples of both jointly.",
+        "Exit status: 0 the report was written; 3 it was written and a system's exact_match (or, without "
+        "exact, choice_accuracy) on a whole dataset is below --fail-under; 1 an input could not be used "
+        "(a bad dataset line, an adapter the base cannot take); 2 a usage error.",
+        "Examples:",
+        "  lrtool eval twohop.jsonl --base base/ --adapter hop1/ --table",
+        "  lrtool eval twohop.jsonl hop1.jsonl --base base/ --system base=base --system hop1=adapter:hop1/ "
+        "--system sum=adapter:sum/ --reference base --score exact,loglik --table --plot out.png",
+        "  lrtool eval data.jsonl --base base/ --model merged-model/ --fail-under 0.9 -o report.json",
+        "  lrtool eval twohop.jsonl --base base/ --adapter hop1/ | jq '.rows[] | select(.group.familiarity)'",
+        "  torchrun --nproc_per_node 4 -m lrtool eval data.jsonl --base ./model --adapter expert/ "
+        "-o report.json",
+    ]
+    return "\n\n".join(paragraphs)
+
+
+@app.command("eval", epilog=_eval_epilog())
+def eval_command(
+    data: Annotated[
+        list[str],
+        typer.Argument(metavar="DATA.jsonl...", help="JSONL datasets to score.", show_default=False),
+    ],
+    base: Annotated[
+        str, _opt("--base", metavar="BASE", help="The base model: a Hugging Face model directory or hub id.")
+    ],
+    system: Annotated[
+        list[str] | None,
+        _opt(
+            "--system",
+            metavar="NAME=SPEC",
+            help="A system to score; SPEC is base, adapter:PATH, model:DIR or router:DIR. "
+            "Repeat for several.",
+            show_default=False,
+        ),
+    ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        _opt(
+            "--adapter", metavar="PATH", help="Shorthand for --system NAME=adapter:PATH.", show_default=False
+        ),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        _opt("--model", metavar="DIR", help="Shorthand for --system NAME=model:DIR.", show_default=False),
+    ] = None,
+    score_: Annotated[
+        str,
+        _opt(
+            "--score",
+            metavar="exact|loglik|exact,loglik",
+            help="What to score: exact match, log-likelihoods, or both (see the description).",
+        ),
+    ] = "exact",
+    choices: Annotated[
+        str | None,
+        _opt(
+            "--choices",
+            metavar="FILE",
+            help="Candidate answers for choice_accuracy, one a line (default: each dataset's distinct "
+            "answers of the same meta.task).",
+            show_default=False,
+        ),
+    ] = None,
+    max_choices: Annotated[
+        int, _opt("--max-choices", min=2, help="At most this many candidates per example (answer included).")
+    ] = 100,
+    by: Annotated[
+        list[str] | None,
+        _opt(
+            "--by",
+            metavar="KEY[,KEY]",
+            help="Break results down by meta keys; commas cross keys, repeat for several breakdowns "
+            "(default: each meta key with 2 to 20 distinct values).",
+            show_default=False,
+        ),
+    ] = None,
+    bootstrap: Annotated[
+        int, _opt("--bootstrap", min=0, help="Bootstrap resamples of each interval (0: no intervals).")
+    ] = 1000,
+    reference: Annotated[
+        str | None,
+        _opt(
+            "--reference",
+            metavar="NAME",
+            help="Add each other system's paired difference to this one, with its interval.",
+            show_default=False,
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        _opt(
+            "--limit",
+            min=1,
+            metavar="N",
+            help="Score the first N examples of each dataset.",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, _opt("--batch-size", min=1, help="(system, example) rows per forward pass.")
+    ] = 64,
+    max_new_tokens: Annotated[
+        int | None,
+        _opt(
+            "--max-new-tokens",
+            min=1,
+            help="Longest generation (default: the longest answer plus 16 tokens).",
+            show_default=False,
+        ),
+    ] = None,
+    chat_template: Annotated[
+        bool,
+        _opt("--chat-template", help="Format prompts with the tokenizer's chat template (as train does)."),
+    ] = False,
+    device: Annotated[
+        str, _opt("--device", metavar="auto|cpu|cuda[:N]", help="Where to run; auto picks CUDA when present.")
+    ] = "auto",
+    dtype: Annotated[
+        Dtype | None, _opt("--dtype", help="Weights' dtype (default: the base's).", show_default=False)
+    ] = None,
+    seed: Annotated[
+        int,
+        _opt("--seed", min=0, help="Seed of the bootstrap and of candidate draws: same seed, same bytes."),
+    ] = 0,
+    out: Annotated[
+        str | None,
+        _opt(
+            "--out",
+            "-o",
+            metavar="FILE",
+            help="Write the report to FILE instead of stdout.",
+            show_default=False,
+        ),
+    ] = None,
+    predictions: Annotated[
+        str | None,
+        _opt(
+            "--predictions",
+            metavar="FILE.jsonl",
+            help="Write one line per (system, example): prompt, answer, prediction, correct, loglik, meta.",
+            show_default=False,
+        ),
+    ] = None,
+    table: Annotated[bool, _opt("--table", help="Also print the results as a table on stderr.")] = False,
+    plot: Annotated[
+        str | None,
+        _opt(
+            "--plot",
+            metavar="FILE.png",
+            help="Draw bars with intervals by system and the first --by key (needs matplotlib).",
+            show_default=False,
+        ),
+    ] = None,
+    fail_under: Annotated[
+        float | None,
+        _opt(
+            "--fail-under",
+            metavar="X",
+            help="Exit 3, after writing, when a system's metric on a whole dataset is below X.",
+            show_default=False,
+        ),
+    ] = None,
+    trust_remote_code: Annotated[
+        bool, _opt("--trust-remote-code", help="Allow the models' own Python code (off by default).")
+    ] = False,
+    force: Force = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Score base, adapters, merges and models side by side on JSONL datasets, with intervals.
+
+    Holds the base once and applies every adapter system to its own rows of mixed batches in one forward
+    pass; model systems (model:DIR) run as their own models. Prints one JSON report (rows per system,
+    dataset and meta group, 95% bootstrap intervals, paired differences with --reference). The same inputs
+    and seed give the same bytes; under torchrun each process scores a share of the batches and rank 0
+    writes the report a single process would.
+    """
+    _configure_logging(quiet, verbose)
+    for flag, path in (("--plot", plot), ("--predictions", predictions)):
+        if path == io.STDIO:
+            raise UsageError(f"{flag} takes a file name, not '-': stdout carries the report")
+    if fail_under is not None and not 0 <= fail_under <= 1:
+        raise UsageError("--fail-under must be in [0, 1]")
+    if not verbose:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+    from lrtool import evaluate as evaluation
+    from lrtool.errors import QualityGateError
+    from lrtool.evaluate.figures import check_plot_available, write_plot
+    from lrtool.evaluate.run import RunSettings
+    from lrtool.train import Distributed
+
+    scores = evaluation.parse_scores(score_)
+    settings = evaluation.EvalSettings(
+        datasets=data,
+        base=base,
+        systems=evaluation.gather_systems(system, adapter, model),
+        scores=scores,
+        by=by,
+        bootstrap=bootstrap,
+        reference=reference,
+        limit=limit,
+        run=RunSettings(
+            choices=choices,
+            max_choices=max_choices,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            chat_template=chat_template,
+            device=device,
+            dtype=dtype.value if dtype else None,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+        ),
+    )
+    settings.check()
+    if plot is not None:
+        check_plot_available()
+    is_main = Distributed.from_env().is_main
+    for path in (out, predictions, plot):
+        if path not in (None, io.STDIO) and is_main:
+            io.check_output_free(path, force)
+    with _progress(quiet or not is_main, "eval") as on_progress:
+        result = evaluation.evaluate(settings, on_progress=on_progress)
+    if not is_main:
+        return
+    report = result.report
+    if predictions is not None:
+        with io.atomic_output_file(predictions, force) as handle:
+            io.write_jsonl(result.prediction_lines(), handle)
+    if plot is not None:
+        with io.atomic_output_file(plot, force, mode="wb") as handle:
+            write_plot(report, handle)
+    with io.atomic_output_file(out or io.STDIO, force) as handle:
+        handle.write(io.dumps_report(report))
+        handle.flush()
+    if table:
+        _eval_table(report)
+    failing = evaluation.below(report, fail_under) if fail_under is not None else []
+    if failing:
+        metric = evaluation.primary_metric(scores)
+        first = failing[0]
+        raise QualityGateError(
+            f"{len(failing)} system/dataset result(s) below --fail-under {fail_under}, first "
+            f"{first['system']} on {first['dataset']}: {metric} {first[metric]}"
+        )
+
+
+def _eval_table(report: dict) -> None:
+    """The rows for people, on stderr: one table of results, one of differences to the reference."""
+    from rich.table import Table
+
+    metrics = report["settings"]["metrics"]
+
+    def cell(row: dict, name: str) -> str:
+        value, interval = row.get(name), row.get(f"{name}_ci95")
+        if value is None:
+            return "-"
+        digits = 3 if abs(value) < 10 else 1
+        text = f"{value:.{digits}f}"
+        return text + (f" [{interval[0]:.{digits - 1}f}, {interval[1]:.{digits - 1}f}]" if interval else "")
+
+    def group(row: dict) -> str:
+        return ", ".join(f"{k}={v}" for k, v in row["group"].items()) or "all"
+
+    console = _stderr_console(wide=True)
+    for title, suffix, rows in (
+        ("lrtool eval", "", [r for r in report["rows"] if "reference" not in r]),
+        (
+            f"difference to {report['settings']['reference']}",
+            "_difference",
+            [r for r in report["rows"] if "reference" in r],
+        ),
+    ):
+        if not rows:
+            continue
+        table = Table(title=title, title_justify="left")
+        for column in ("system", "dataset", "group"):
+            table.add_column(column, overflow="fold")
+        table.add_column("n", justify="right")
+        for name in metrics:
+            table.add_column(name + (" diff" if suffix else ""), justify="right", no_wrap=True)
+        previous = None
+        for row in rows:
+            if previous is not None and (row["system"], row["dataset"]) != previous:
+                table.add_section()
+            previous = (row["system"], row["dataset"])
+            cells = (cell(row, m + suffix) for m in metrics)
+            table.add_row(row["system"], row["dataset"], group(row), str(row["n"]), *cells)
+        console.print(table)
 
 
 # ---------------------------------------------------------------------------------------------- main

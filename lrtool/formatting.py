@@ -23,23 +23,29 @@ def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]
 
 def answer_ids(tokenizer, prompt: str, answer: str, chat_template: bool = False) -> list[int]:
     """The tokens a model must produce after the prompt's tokens: separator and answer, then EOS."""
-    return _answer_after(
-        tokenizer, prompt_ids(tokenizer, prompt, chat_template), prompt, answer, chat_template
-    )
+    return answers_after(
+        tokenizer, prompt_ids(tokenizer, prompt, chat_template), prompt, [answer], chat_template
+    )[0]
 
 
-def _answer_after(tokenizer, head: list[int], prompt: str, answer: str, chat_template: bool) -> list[int]:
-    """The tail of the whole line's tokenization when `head` (the prompt's tokens) is its head, so a word is
-    the same token in an answer as anywhere else; otherwise (a merge across the boundary) the separator and
-    answer tokenized alone."""
+def answers_after(
+    tokenizer, head: list[int], prompt: str, answers: list[str], chat_template: bool = False
+) -> list[list[int]]:
+    """answer_ids of each of `answers` after the same prompt, whose tokens `head` are (one tokenizer call).
+
+    Each is the tail of the whole line's tokenization when `head` is its head, so a word is the same token
+    in an answer as anywhere else; otherwise (a merge across the boundary) the separator and answer
+    tokenized alone."""
+    eos = [tokenizer.eos_token_id]
     if chat_template:
-        return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    whole = tokenizer(prompt + SEPARATOR + answer)["input_ids"]
-    if whole[: len(head)] == head and len(whole) > len(head):
-        tail = whole[len(head) :]
-    else:
-        tail = tokenizer(SEPARATOR + answer, add_special_tokens=False)["input_ids"]
-    return tail + [tokenizer.eos_token_id]
+        return [ids + eos for ids in tokenizer(list(answers), add_special_tokens=False)["input_ids"]]
+    tails = []
+    for answer, whole in zip(answers, tokenizer([prompt + SEPARATOR + a for a in answers])["input_ids"]):
+        if whole[: len(head)] == head and len(whole) > len(head):
+            tails.append(whole[len(head) :] + eos)
+        else:
+            tails.append(tokenizer(SEPARATOR + answer, add_special_tokens=False)["input_ids"] + eos)
+    return tails
 
 
 def encode_example(
@@ -47,7 +53,7 @@ def encode_example(
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one line; labels are IGNORE on the prompt unless `loss_on_prompt`."""
     head = prompt_ids(tokenizer, prompt, chat_template)
-    tail = _answer_after(tokenizer, head, prompt, answer, chat_template)
+    tail = answers_after(tokenizer, head, prompt, [answer], chat_template)[0]
     labels = (head if loss_on_prompt else [IGNORE] * len(head)) + tail
     return head + tail, labels
 

@@ -9,6 +9,7 @@ sha256 of the inputs).
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -33,6 +34,20 @@ def dumps_report(obj) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=2) + "\n"
 
 
+def rounded(value, digits: int = 6):
+    """`value` with every float (in lists and dicts too) rounded to `digits` significant digits, so reports
+    do not carry float noise; NaN and infinities, which JSON lacks, become None (null); -0.0 becomes 0.0."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return float(f"{value:.{digits}g}") + 0.0
+    if isinstance(value, dict):
+        return {key: rounded(v, digits) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 
@@ -41,6 +56,14 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt", "answer"
 
     Blank lines are skipped. A bad line raises InputError naming FILE:LINE and what is wrong.
     """
+    for _, obj in read_jsonl_numbered(path, required):
+        yield obj
+
+
+def read_jsonl_numbered(
+    path: str | Path, required: tuple[str, ...] = ("prompt", "answer")
+) -> Iterator[tuple[int, dict]]:
+    """As read_jsonl, with each object's 1-based line number in the file."""
     name = "<stdin>" if str(path) == STDIO else str(path)
     try:
         handle = sys.stdin if str(path) == STDIO else open(path, encoding="utf-8")
@@ -51,7 +74,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ("prompt", "answer"
             for lineno, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
-                yield _parse_line(line, f"{name}:{lineno}", required)
+                yield lineno, _parse_line(line, f"{name}:{lineno}", required)
         except UnicodeDecodeError:
             raise InputError(f"{name}: not UTF-8 text") from None
 

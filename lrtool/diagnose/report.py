@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from lrtool import io
 from lrtool.diagnose.figures import (
     AGREEING_COSINE,
     LOSSY_FACTOR_AVG,
@@ -208,12 +209,4 @@ def _pair_entry(pair: PairFigures, inputs: list[AdapterInput]) -> dict:
 
 def _rounded(value):
     """`value` with every float rounded to PRECISION significant digits (non-finite ones as null)."""
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        return float(f"{value:.{PRECISION}g}") + 0.0  # + 0.0 turns -0.0 into 0.0
-    if isinstance(value, dict):
-        return {key: _rounded(v) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_rounded(v) for v in value]
-    return value
+    return io.rounded(value, PRECISION)

@@ -1,0 +1,230 @@
+"""One base model in memory, many LoRA adapters applied per row or per token of a batch.
+
+Reads nothing from disk: takes a loaded model and canonical `Adapter`s (lrtool.adapters). It hooks every
+target linear layer so that its output becomes
+
+    y = W x + sum_k g_k * scale_k * B_k (A_k x)
+
+where g gives each row of the batch one adapter (systems: adapters, merges) or each token a weighted set of
+adapters (routers). What applies to which rows is a `Plan` set for the next forward passes with
+`engine.routing(plan)`: a list of row segments, each handled by a `Part` (one adapter, or a router that
+returns top-k adapter indices and weights per token, or its own computation). Without a plan the model is
+the base. No peft in the hot path and no copy of the base per adapter.
+
+The CPU path (also the reference the kernels issue accelerates) computes each segment's rows with two small
+matmuls per adapter: rows sorted by adapter make each segment a contiguous view, so nothing is gathered.
+Per-token routing sorts the (token, slot) pairs by adapter and computes only the adapters chosen, so its cost
+grows with top-k, not with the number of adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lrtool.adapters import Adapter
+from lrtool.errors import IncompatibleError
+
+
+@dataclass(eq=False)
+class Factors:
+    """One adapter's factors for one module, laid out for x @ A_t @ B_t (the scale folded into B_t)."""
+
+    A_t: torch.Tensor  # [in, r]
+    B_t: torch.Tensor  # [r, out], already multiplied by the adapter's scale
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """y += weight * (x @ A_t @ B_t) for 2-D x [n, in], y [n, out] (y may be a view into the output)."""
+        h = x @ self.A_t
+        if weight is not None:
+            h = h * weight[:, None]  # [n, r]: scaling the narrow intermediate is cheaper than the output
+        y.addmm_(h, self.B_t)
+
+
+class Part:
+    """What a segment of rows does: its `apply` adds the adapters' contribution to y for x."""
+
+    def apply(self, engine: AdapterEngine, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def select(self, rows: torch.Tensor) -> Part:
+        """The part for a subset of its rows (indices relative to the segment), e.g. when rows finish."""
+        return self
+
+
+@dataclass(eq=False)
+class OneAdapter(Part):
+    """Every token of the segment's rows gets adapter `index` with weight 1."""
+
+    index: int
+
+    def apply(self, engine, module, x, y):
+        factors = engine.factors[module][self.index]
+        if factors is not None:
+            factors.add_to(x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]))
+
+
+class TokenRouter(Part):
+    """A per-token router: `weights(module, x)` -> (indices [n, k], weights [n, k]) for x [n, in].
+
+    Subclasses (lrtool.routers) decide the adapters and weights; the engine computes only the adapters that
+    some token chose. An index of -1 means "no adapter" for that slot.
+    """
+
+    def weights(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def apply(self, engine, module, x, y):
+        flat_x = x.reshape(-1, x.shape[-1])
+        indices, weights = self.weights(module, flat_x)
+        engine.add_top_k(module, flat_x, y.view(-1, y.shape[-1]), indices, weights)
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int
+    stop: int
+    part: Part | None  # None: the base alone
+
+
+@dataclass
+class Plan:
+    """Which rows of the next batches use what: segments in row order, covering `batch_size` rows."""
+
+    segments: tuple[Segment, ...]
+    batch_size: int
+
+    @classmethod
+    def by_row(cls, parts: Sequence[Part | None]) -> Plan:
+        """One part per row (the same object on consecutive rows becomes one segment)."""
+        segments, start = [], 0
+        for row in range(1, len(parts) + 1):
+            if row == len(parts) or parts[row] is not parts[start]:
+                segments.append(Segment(start, row, parts[start]))
+                start = row
+        return cls(tuple(segments), len(parts))
+
+    def select(self, rows: Sequence[int]) -> Plan:
+        """The plan for the kept rows (in increasing order), as when finished rows leave a generation."""
+        kept, segments, start = list(rows), [], 0
+        for segment in self.segments:
+            mine = [r - segment.start for r in kept if segment.start <= r < segment.stop]
+            if not mine:
+                continue
+            part = segment.part
+            if part is not None and len(mine) < segment.stop - segment.start:
+                part = part.select(torch.tensor(mine))
+            segments.append(Segment(start, start + len(mine), part))
+            start += len(mine)
+        return Plan(tuple(segments), len(kept))
+
+
+def linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear layer: torch's Linear, or transformers' Conv1D (GPT-2), which
+    stores its weight as [in, out]. None for any other module."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return tuple(module.weight.shape)
+    return None
+
+
+class AdapterEngine:
+    """Hooks `adapters` into `model`'s target layers; `routing(plan)` says which rows use which.
+
+    Factors are held in the model's dtype on its device. Raises IncompatibleError when an adapter names a
+    module the model lacks, one that is not a linear layer, or one whose shape differs.
+    """
+
+    def __init__(self, model: torch.nn.Module, adapters: Sequence[Adapter]):
+        self.model = model
+        self.adapters = list(adapters)
+        modules = dict(model.named_modules())
+        parameter = next(model.parameters())
+        self.factors: dict[str, list[Factors | None]] = {}
+        for index, adapter in enumerate(self.adapters):
+            for name, lora in adapter.modules.items():
+                shape = linear_shape(modules[name]) if name in modules else None
+                where = adapter.source or f"adapter {index + 1}"
+                if name not in modules:
+                    raise IncompatibleError(f"{where}: module '{name}' is not in the base model")
+                if shape is None:
+                    raise IncompatibleError(
+                        f"{where}: module '{name}' is a {type(modules[name]).__name__} in the base, "
+                        "not a linear layer"
+                    )
+                if (lora.in_features, lora.out_features) != shape:
+                    raise IncompatibleError(
+                        f"{where}: module '{name}' maps {lora.in_features} -> {lora.out_features} features "
+                        f"but the base's layer maps {shape[0]} -> {shape[1]}: an adapter for another model"
+                    )
+                slots = self.factors.setdefault(name, [None] * len(self.adapters))
+                slots[index] = Factors(
+                    A_t=lora.A.T.to(parameter.device, parameter.dtype).contiguous(),
+                    B_t=(lora.B.double() * lora.scale).T.to(parameter.device, parameter.dtype).contiguous(),
+                )
+        self._plan: Plan | None = None
+        self._hooks = [modules[name].register_forward_hook(self._hook(name)) for name in sorted(self.factors)]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            plan = self._plan
+            if plan is None:
+                return None
+            x = inputs[0]
+            if x.shape[0] != plan.batch_size:
+                raise RuntimeError(
+                    f"{name}: the plan is for {plan.batch_size} rows but the layer sees {x.shape[0]}"
+                )
+            if not output.is_contiguous():
+                output = output.contiguous()
+            for segment in plan.segments:
+                if segment.part is not None:
+                    segment.part.apply(
+                        self, name, x[segment.start : segment.stop], output[segment.start : segment.stop]
+                    )
+            return output
+
+        return hook
+
+    @contextlib.contextmanager
+    def routing(self, plan: Plan | None) -> Iterator[None]:
+        """Apply `plan` to the forward passes inside the block (None: the base alone)."""
+        previous, self._plan = self._plan, plan
+        try:
+            yield
+        finally:
+            self._plan = previous
+
+    def add_top_k(
+        self, module: str, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """y[t] += sum_j weights[t, j] * delta_{indices[t, j]}(x[t]) for x [n, in], indices/weights [n, k].
+
+        The (token, slot) pairs are sorted by adapter (a stable sort, then counts and starts, as vLLM's
+        LoRA kernels arrange them); each chosen adapter computes only its own tokens.
+        """
+        slots = self.factors[module]
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        chosen, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        k = indices.shape[1]
+        start = 0
+        for adapter, count in zip(chosen.tolist(), counts.tolist()):
+            pairs = order[start : start + count]
+            start += count
+            if adapter < 0 or slots[adapter] is None:
+                continue
+            tokens = pairs // k
+            contribution = torch.zeros(len(tokens), y.shape[1], dtype=y.dtype, device=y.device)
+            slots[adapter].add_to(x[tokens], contribution, weights.reshape(-1)[pairs].to(x.dtype))
+            y.index_add_(0, tokens, contribution)
+
+    def close(self) -> None:
+        """Remove the hooks: the model is the base again."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
