@@ -42,7 +42,15 @@ demo: $(STAMP)
 	$(LRTOOL) merge $(DEMO)/hop1 $(DEMO)/hop2 --method linear --weights 1,1 -o $(DEMO)/merged-sum --force
 	$(LRTOOL) diagnose $(DEMO)/hop1 $(DEMO)/hop2 $(DEMO)/direct --base $(DEMO)/base --table \
 		> $(DEMO)/diagnosis.json
-	@echo "== The eval verb that scores base, experts and merges on the two-hop questions comes in a later issue."
+	@echo "== Two-hop questions (training and held-out templates) and each hop's facts, every system:"
+	$(LRTOOL) eval $(DEMO)/world/twohop.jsonl $(DEMO)/world/twohop.eval.jsonl $(DEMO)/world/hop1.jsonl \
+		$(DEMO)/world/hop2.jsonl --base $(DEMO)/base --system base=base \
+		$(foreach s,hop1 hop2 direct multitask,--system $(s)=adapter:$(DEMO)/$(s)) \
+		--system factor-avg=adapter:$(DEMO)/merged-factor-avg --system sum=adapter:$(DEMO)/merged-sum \
+		--by familiarity --by in_pretrain --score exact,loglik --reference base --seed $(SEED) \
+		--predictions $(DEMO)/predictions.jsonl --plot $(DEMO)/eval.png -o $(DEMO)/eval.json --force \
+		-q --table 2>&1
+	@echo "== Report: $(DEMO)/eval.json, per-example predictions: $(DEMO)/predictions.jsonl, bars: $(DEMO)/eval.png"
 
 docs: $(STAMP)
 	$(PY) -m lrtool.docs .

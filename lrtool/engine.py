@@ -13,6 +13,8 @@ the base. No peft in the hot path and no copy of the base per adapter.
 
 The CPU path (also the reference the kernels issue accelerates) computes each segment's rows with two small
 matmuls per adapter: rows sorted by adapter make each segment a contiguous view, so nothing is gathered.
+When every segment holds one adapter (or none) and all have as many rows, as eval's batches of several
+systems do, the factors stacked per module (ranks zero-padded) serve all segments in two batched matmuls.
 Per-token routing sorts the (token, slot) pairs by adapter and computes only the adapters chosen, so its cost
 grows with top-k, not with the number of adapters.
 """
@@ -107,6 +109,22 @@ class Plan:
                 start = row
         return cls(tuple(segments), len(parts))
 
+    def stacked_slots(self, none_slot: int) -> list[int] | None:
+        """When every segment is one adapter (or the base, as slot `none_slot`) and all have the same number
+        of rows: each segment's adapter slot, so one batched matmul can serve them all; else None."""
+        sizes = {segment.stop - segment.start for segment in self.segments}
+        if len(self.segments) < 2 or len(sizes) != 1:
+            return None
+        slots = []
+        for segment in self.segments:
+            if segment.part is None:
+                slots.append(none_slot)
+            elif isinstance(segment.part, OneAdapter):
+                slots.append(segment.part.index)
+            else:
+                return None
+        return slots
+
     def select(self, rows: Sequence[int]) -> Plan:
         """The plan for the kept rows (in increasing order), as when finished rows leave a generation."""
         kept, segments, start = list(rows), [], 0
@@ -144,7 +162,7 @@ class AdapterEngine:
         self.adapters = list(adapters)
         modules = dict(model.named_modules())
         parameter = next(model.parameters())
-        self.factors: dict[str, list[Factors | None]] = {}
+        count = len(self.adapters)
         for index, adapter in enumerate(self.adapters):
             for name, lora in adapter.modules.items():
                 shape = linear_shape(modules[name]) if name in modules else None
@@ -161,12 +179,29 @@ class AdapterEngine:
                         f"{where}: module '{name}' maps {lora.in_features} -> {lora.out_features} features "
                         f"but the base's layer maps {shape[0]} -> {shape[1]}: an adapter for another model"
                     )
-                slots = self.factors.setdefault(name, [None] * len(self.adapters))
-                slots[index] = Factors(
-                    A_t=lora.A.T.to(parameter.device, parameter.dtype).contiguous(),
-                    B_t=(lora.B.double() * lora.scale).T.to(parameter.device, parameter.dtype).contiguous(),
-                )
+        # Per module, every adapter's factors stacked along a first axis, ranks zero-padded to the largest,
+        # plus a last all-zero slot for rows without an adapter: [adapters + 1, in, r] and [.., r, out].
+        # Each adapter's own Factors are views into the stacks.
+        self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.factors: dict[str, list[Factors | None]] = {}
+        for name in sorted({name for adapter in self.adapters for name in adapter.modules}):
+            loras = [adapter.modules.get(name) for adapter in self.adapters]
+            present = [lora for lora in loras if lora is not None]
+            rank = max(lora.rank for lora in present)
+            A_all = torch.zeros(count + 1, present[0].in_features, rank, dtype=parameter.dtype)
+            B_all = torch.zeros(count + 1, rank, present[0].out_features, dtype=parameter.dtype)
+            for index, lora in enumerate(loras):
+                if lora is not None:
+                    A_all[index, :, : lora.rank] = lora.A.T.to(parameter.dtype)
+                    B_all[index, : lora.rank] = (lora.B.double() * lora.scale).T.to(parameter.dtype)
+            A_all, B_all = A_all.to(parameter.device), B_all.to(parameter.device)
+            self.stacks[name] = (A_all, B_all)
+            self.factors[name] = [
+                None if lora is None else Factors(A_all[i, :, : lora.rank], B_all[i, : lora.rank])
+                for i, lora in enumerate(loras)
+            ]
         self._plan: Plan | None = None
+        self._slots: torch.Tensor | slice | None = None
         self._hooks = [modules[name].register_forward_hook(self._hook(name)) for name in sorted(self.factors)]
 
     def _hook(self, name: str):
@@ -181,6 +216,14 @@ class AdapterEngine:
                 )
             if not output.is_contiguous():
                 output = output.contiguous()
+            if self._slots is not None:  # equal segments of single adapters: one batched matmul for all
+                A_all, B_all = self.stacks[name]
+                segments = len(plan.segments)
+                rows = x.reshape(segments, -1, x.shape[-1])
+                output.view(segments, -1, output.shape[-1]).baddbmm_(
+                    torch.bmm(rows, A_all[self._slots]), B_all[self._slots]
+                )
+                return output
             for segment in plan.segments:
                 if segment.part is not None:
                     segment.part.apply(
@@ -193,11 +236,23 @@ class AdapterEngine:
     @contextlib.contextmanager
     def routing(self, plan: Plan | None) -> Iterator[None]:
         """Apply `plan` to the forward passes inside the block (None: the base alone)."""
-        previous, self._plan = self._plan, plan
+        previous = self._plan, self._slots
+        self._plan, self._slots = plan, self._stacked_slots(plan)
         try:
             yield
         finally:
-            self._plan = previous
+            self._plan, self._slots = previous
+
+    def _stacked_slots(self, plan: Plan | None) -> torch.Tensor | slice | None:
+        """How the stacks are indexed for `plan`'s batched path: a slice when its adapters are consecutive
+        (a view, nothing copied), else an index tensor; None when the plan needs the per-segment path."""
+        slots = plan.stacked_slots(len(self.adapters)) if plan is not None and self.stacks else None
+        if slots is None:
+            return None
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return slice(slots[0], slots[0] + len(slots))
+        device = next(iter(self.stacks.values()))[0].device
+        return torch.tensor(slots, device=device)
 
     def add_top_k(
         self, module: str, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
