@@ -90,7 +90,7 @@ complete -c lrtool -n '__fish_seen_subcommand_from eval' -l by -r -F -d 'Break r
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l bootstrap -x -d 'Bootstrap resamples of each interval (0: no intervals).'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l reference -r -F -d 'Add each other system\'s paired difference to this one, with its interval.'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l limit -x -d 'Score the first N examples of each dataset.'
-complete -c lrtool -n '__fish_seen_subcommand_from eval' -l batch-size -x -d '(system, example) rows per forward pass.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l batch-size -x -d '(system, example) rows per forward pass, rounded down to whole examples (every system that shares the base scores an example in the same batch).'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l max-new-tokens -x -d 'Longest generation (default: the longest answer plus 16 tokens).'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l chat-template -d 'Format prompts with the tokenizer\'s chat template (as train does).'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l device -r -F -d 'Where to run; auto picks CUDA when present.'

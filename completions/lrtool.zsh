@@ -120,7 +120,7 @@ _lrtool_eval() {
     '--bootstrap=[Bootstrap resamples of each interval (0\: no intervals).]:INT: ' \
     '--reference=[Add each other system'\''s paired difference to this one, with its interval.]:NAME:_files' \
     '--limit=[Score the first N examples of each dataset.]:N: ' \
-    '--batch-size=[(system, example) rows per forward pass.]:INT: ' \
+    '--batch-size=[(system, example) rows per forward pass, rounded down to whole examples (every system that shares the base scores an example in the same batch).]:INT: ' \
     '--max-new-tokens=[Longest generation (default\: the longest answer plus 16 tokens).]:INT: ' \
     '--chat-template[Format prompts with the tokenizer'\''s chat template (as train does).]' \
     '--device=[Where to run; auto picks CUDA when present.]:auto|cpu|cuda\[\:N\]:_files' \

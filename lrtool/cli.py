@@ -1035,7 +1035,13 @@ def eval_command(
         ),
     ] = None,
     batch_size: Annotated[
-        int, _opt("--batch-size", min=1, help="(system, example) rows per forward pass.")
+        int,
+        _opt(
+            "--batch-size",
+            min=1,
+            help="(system, example) rows per forward pass, rounded down to whole examples (every system "
+            "that shares the base scores an example in the same batch).",
+        ),
     ] = 64,
     max_new_tokens: Annotated[
         int | None,

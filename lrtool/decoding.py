@@ -4,7 +4,7 @@ Reads nothing from disk: takes a loaded model (and, for systems that share a bas
 the batch's `Plan`) and token ids made by lrtool.formatting. Rows are left-padded and positions counted from
 each row's first real token, so padding never reaches attention or positions: a row's result does not
 depend on what else is in its batch (up to float rounding). Generation keeps the KV cache, stops a row at
-its first stop token (or after `max_new_tokens`) and drops finished rows from the batch.
+its first stop token (or after `max_new_tokens`) and drops finished rows once they are half the batch.
 """
 
 from __future__ import annotations
@@ -100,21 +100,25 @@ def greedy(
         logprobs = torch.log_softmax(last.float(), dim=-1).cpu()
         scores = [logprobs[i, list(tokens)].tolist() for i, tokens in enumerate(score_tokens)]
     tokens: list[list[int]] = [[] for _ in prompts]
-    alive = list(range(len(prompts)))  # original row of each row still generating
+    alive = list(range(len(prompts)))  # original row of each row still in the batch
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # has said a stop token
     stops = torch.tensor(sorted(stop_ids), device=device)
     for step in range(max_new_tokens):
         chosen = last.argmax(-1)
-        finished = torch.isin(chosen, stops)
-        for row, token, done in zip(alive, chosen.tolist(), finished.tolist()):
-            if not done:
+        stopped = torch.isin(chosen, stops)
+        for row, token, ended in zip(alive, chosen.tolist(), (done | stopped).tolist()):
+            if not ended:
                 tokens[row].append(token)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        done |= stopped
+        if step == max_new_tokens - 1 or bool(done.all()):
             break
-        keep = (~finished).nonzero().flatten()
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if len(keep) < len(alive):
+        if 2 * int(done.sum()) >= len(alive):
+            # Finished rows leave once they are half the batch: dropping each as it ends would cost a
+            # cache copy per step and split the plan's even segments.
+            keep = (~done).nonzero().flatten()
             cache.batch_select_indices(keep)
-            mask, chosen = mask[keep], chosen[keep]
+            mask, chosen, done = mask[keep], chosen[keep], done[keep]
             plan = plan.select(keep.tolist()) if plan is not None else None
             alive = [alive[i] for i in keep.tolist()]
         logits, cache = _run(

@@ -113,12 +113,15 @@ def bootstrap_intervals(values, resamples: int, seed: int, key: list[str]):
         [seed, *(int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4))]
     )
     n = values.shape[1]
-    per_chunk = max(1, 2_000_000 // n)  # bounds the [metric, resample, n] gather's memory
+    per_chunk = max(1, 4_000_000 // n)  # bounds the [resample, n] counts' memory
     means = []
     for start in range(0, resamples, per_chunk):
-        picks = rng.integers(0, n, size=(min(per_chunk, resamples - start), n))
-        means.append(values[:, picks].mean(axis=2))
-    return np.percentile(np.concatenate(means, axis=1), [2.5, 97.5], axis=1).T
+        chunk = min(per_chunk, resamples - start)
+        picks = rng.integers(0, n, size=(chunk, n))
+        # How often each example was drawn in each resample: a resample's mean is counts @ values / n.
+        counts = np.bincount((picks + n * np.arange(chunk)[:, None]).ravel(), minlength=chunk * n)
+        means.append(counts.reshape(chunk, n) @ values.T / n)
+    return np.percentile(np.concatenate(means, axis=0), [2.5, 97.5], axis=0).T
 
 
 def prediction_lines(

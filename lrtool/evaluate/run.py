@@ -2,8 +2,9 @@
 
 Reads the base and every system (through lrtool.models and lrtool.adapters), holds the base once with all
 adapter systems hooked into it (lrtool.engine), and runs each model system as its own model. Rows are
-(system, example) pairs: sorted by prompt length, cut into batches of `batch_size` (so a batch mixes systems
-and pads little), each batch's rows ordered by system so every system's rows are one contiguous segment.
+(system, example) pairs: sorted by prompt length, cut into batches of `batch_size` rows holding whole
+examples (every system's row of an example; a batch mixes systems and pads little), each batch's rows
+ordered by system so every system's rows are one contiguous segment of the same size.
 Under torchrun, rank r scores batches r, r + W, ...: the batches are the ones a single process makes, so the
 numbers are too. Returns one `Outcome` per (system, dataset, example); writes nothing.
 """
@@ -211,7 +212,8 @@ class _Job:
         outcomes: dict[tuple[int, int], Outcome] = {}
         items = self.examples
         by_length = sorted(self.rows, key=lambda row: (len(items[row[1]].prompt), row[1], row[0]))
-        for number, batch in enumerate(_batches(by_length, settings.batch_size)):
+        systems = len(loaded.systems)
+        for number, batch in enumerate(_batches(by_length, settings.batch_size, systems)):
             if number % dist.world_size != dist.rank:
                 continue
             batch.sort(key=lambda row: row[0])  # one contiguous segment per system
@@ -283,7 +285,10 @@ def _distinct(candidates: list[list[int]]) -> list[list[int]]:
     return kept
 
 
-def _batches(rows: list, size: int) -> list[list]:
+def _batches(rows: list, size: int, group: int = 1) -> list[list]:
+    """Consecutive runs of `size` rows, or of the largest multiple of `group` that fits (at least `group`):
+    every system's rows of an example stay in one batch, so each system gets an equal segment."""
+    size = max(group, size - size % group)
     return [rows[start : start + size] for start in range(0, len(rows), size)]
 
 
