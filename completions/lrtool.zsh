@@ -70,7 +70,7 @@ _lrtool_train() {
     '--log-every=[Steps between train_log.jsonl lines.]:INT: ' \
     '--resume[Continue from the checkpoint an interrupted run left in OUT.ckpt/.]' \
     '--trust-remote-code[Allow the base'\''s own Python code (off by default).]' \
-    '--force[Replace an existing output.]' \
+    '--force[Replace an existing output (only one lrtool wrote).]' \
     '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
     '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
     '(-h --help)'{-h,--help}'[Show this message and exit.]' \
@@ -86,8 +86,9 @@ _lrtool_merge() {
     '--density=[ties, dare-*, magnitude-prune, knots\: fraction of entries kept, in (0, 1\] (default 0.5).]:FLOAT: ' \
     '--seed=[dare-*\: seed of the drop masks (default 0).]:INT: ' \
     '--into-base=[Add the exact update to this Hugging Face model directory'\''s weights and write the whole model instead of an adapter.]:BASE:_files' \
+    '--allow-base-mismatch[Merge adapters whose configs name different bases (e.g. one model under two names).]' \
     '--list[Print the methods as JSON lines (name, summary, parameters) and exit.]' \
-    '--force[Replace an existing output.]' \
+    '--force[Replace an existing output (only one lrtool wrote).]' \
     '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
     '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
     '(-h --help)'{-h,--help}'[Show this message and exit.]' \
@@ -100,7 +101,7 @@ _lrtool_diagnose() {
     '--fail-on=[Exit 3, after writing the report, when a finding is at or above this severity.]:SEVERITY:(error warning)' \
     '--table[Also print a summary table to stderr.]' \
     '--plot=[Draw the spectra and the pairwise cosine matrix (needs matplotlib).]:FILE.png:_files' \
-    '--force[Replace an existing output.]' \
+    '--force[Replace an existing output (only one lrtool wrote).]' \
     '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
     '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
     '(-h --help)'{-h,--help}'[Show this message and exit.]' \
@@ -132,7 +133,7 @@ _lrtool_eval() {
     '--plot=[Draw bars with intervals by system and the first --by key (needs matplotlib).]:FILE.png:_files' \
     '--fail-under=[Exit 3, after writing, when a system'\''s metric on a whole dataset is below X.]:X: ' \
     '--trust-remote-code[Allow the models'\'' own Python code (off by default).]' \
-    '--force[Replace an existing output.]' \
+    '--force[Replace an existing output (only one lrtool wrote).]' \
     '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
     '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
     '(-h --help)'{-h,--help}'[Show this message and exit.]' \
@@ -180,7 +181,7 @@ _lrtool_gen_data_two_hop() {
     '--f-people=[New people with a new mentor (F).]:INT: ' \
     '--bridge-fraction=[Share of familiar people whose two-hop statement is in pretrain.]:FLOAT: ' \
     '--filler=[Filler lines about cities in pretrain.]:INT: ' \
-    '--force[Replace an existing output.]' \
+    '--force[Replace an existing output (only one lrtool wrote).]' \
     '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
     '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
     '(-h --help)'{-h,--help}'[Show this message and exit.]'
@@ -199,7 +200,7 @@ _lrtool_gen_data_math() {
     '--filler-sentences=[Shopping sentences without arithmetic in pretrain.]:INT: ' \
     '--shared-template[Write both skills'\'' solutions in one template (the bridge).]' \
     '--answer-format=[number\: the answer is the final number; solution\: the worked solution, which ends with it (meta.final_answer keeps the number).]:ANSWER_FORMAT:(number solution)' \
-    '--force[Replace an existing output.]' \
+    '--force[Replace an existing output (only one lrtool wrote).]' \
     '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
     '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
     '(-h --help)'{-h,--help}'[Show this message and exit.]'

@@ -263,6 +263,11 @@ def _group_tensors(
         a_shape, b_shape = shapes[slots["A"]], shapes[slots["B"]]
         if a_shape[0] == 0:
             raise InputError(f"{path}: module '{module}' has rank 0")
+        if 0 in a_shape or 0 in b_shape:
+            raise InputError(
+                f"{path}: module '{module}' is malformed: A is {a_shape} and B is {b_shape}, a factor with "
+                "no entries (a zero dimension)"
+            )
         if b_shape[1] != a_shape[0]:
             raise InputError(
                 f"{path}: module '{module}': A is {a_shape} (r={a_shape[0]}) but B is {b_shape} "
@@ -435,6 +440,44 @@ def _load_loose_file(path: Path, source: str) -> Adapter:
         source=source,
         metadata=metadata,
     )
+
+
+def check_computable(adapter: Adapter) -> None:
+    """Refuse an adapter whose update cannot be computed with: integer (quantised) factors, NaN or infinity
+    in a factor or a scale. merge and eval use its factors only after this; diagnose reports its message as
+    what merge would refuse."""
+    where = adapter.source or "adapter"
+    for name, module in adapter.modules.items():
+        if not math.isfinite(module.scale):
+            raise InputError(f"{where}: module '{name}' has a non-finite scale ({module.scale})")
+        for role, tensor in (("A", module.A), ("B", module.B)):
+            if not tensor.is_floating_point():
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                raise UnsupportedFeatureError(
+                    f"{where}: module '{name}' stores its {role} factor as {dtype} (quantised?); only "
+                    "floating-point factors can be used: dequantise the adapter first"
+                )
+            if not all_finite(tensor):
+                raise InputError(
+                    f"{where}: module '{name}' has non-finite values (NaN or inf) in its {role} factor"
+                )
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    # A float64 sum is NaN or inf exactly when an entry is, for inputs narrower than float64 (no overflow
+    # possible), and ~10x cheaper than an elementwise isfinite on the CPU.
+    if tensor.dtype != torch.float64 and bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def same_base(a: str, b: str) -> bool:
+    """Whether two adapters' declared bases name one model: equal as written, or, for local paths (spelled
+    ./base, base/ or /abs/base), the same directory once resolved."""
+    if a.rstrip("/") == b.rstrip("/"):
+        return True
+    first, second = Path(a), Path(b)
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
 
 
 def match_module_names(adapter: Adapter, base_module_names: Iterable[str]) -> Adapter:

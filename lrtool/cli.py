@@ -8,6 +8,7 @@ Heavy libraries (torch, transformers, peft) are imported inside the commands tha
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -49,7 +50,15 @@ app = typer.Typer(
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but data and errors.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail to stderr.")]
-Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (only one lrtool wrote).")]
+MAX_SEED = 2**32 - 1  # seeds feed torch, numpy and random generators: one range that fits them all
+
+
+def _finite(value: float | None) -> float | None:
+    """A float option's check: inf and nan parse as floats but are never a meaningful setting."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter("must be a finite number")
+    return value
 
 
 class _StderrHandler(logging.Handler):
@@ -143,7 +152,10 @@ MathSplit = _split_enum("MathSplit", math_problems.SPLITS)
 AnswerFormat = _split_enum("AnswerFormat", math_problems.ANSWER_FORMATS)
 
 Seed = Annotated[
-    int, typer.Option("--seed", help="Seed of the world: the same arguments give the same bytes.")
+    int,
+    typer.Option(
+        "--seed", min=0, max=MAX_SEED, help="Seed of the world: the same arguments give the same bytes."
+    ),
 ]
 SizeOpt = Annotated[Size, typer.Option("--size", help="Preset of every count below; flags override it.")]
 TemplatesOpt = Annotated[
@@ -224,6 +236,7 @@ def two_hop(
         float | None,
         typer.Option(
             "--bridge-fraction",
+            callback=_finite,
             help="Share of familiar people whose two-hop statement is in pretrain.",
             show_default=False,
         ),
@@ -363,10 +376,11 @@ def train(
         int, _opt("--rank", "-r", min=0, help="LoRA rank; 0 with --train-tokens trains only embedding rows.")
     ] = 16,
     alpha: Annotated[
-        float | None, _opt("--alpha", help="LoRA alpha (default: 2 x rank).", show_default=False)
+        float | None,
+        _opt("--alpha", callback=_finite, help="LoRA alpha (default: 2 x rank).", show_default=False),
     ] = None,
     rslora: Annotated[bool, _opt("--rslora", help="Scale by alpha / sqrt(rank) (rsLoRA).")] = False,
-    dropout: Annotated[float, _opt("--dropout", help="LoRA dropout.")] = 0.0,
+    dropout: Annotated[float, _opt("--dropout", callback=_finite, help="LoRA dropout.")] = 0.0,
     targets: Annotated[
         str | None,
         _opt(
@@ -402,19 +416,30 @@ def train(
     ] = None,
     lr: Annotated[
         float | None,
-        _opt("--lr", help="Peak learning rate (default: 1e-3 with --full, 5e-4 LoRA).", show_default=False),
+        _opt(
+            "--lr",
+            callback=_finite,
+            help="Peak learning rate (default: 1e-3 with --full, 5e-4 LoRA).",
+            show_default=False,
+        ),
     ] = None,
     weight_decay: Annotated[
         float | None,
         _opt(
             "--weight-decay",
+            callback=_finite,
             help="AdamW weight decay (default: 0.1 with --full, 0 LoRA).",
             show_default=False,
         ),
     ] = None,
     epochs: Annotated[
         float | None,
-        _opt("--epochs", help="Passes over the data (default 20 unless --max-steps).", show_default=False),
+        _opt(
+            "--epochs",
+            callback=_finite,
+            help="Passes over the data (default 20 unless --max-steps).",
+            show_default=False,
+        ),
     ] = None,
     max_steps: Annotated[
         int | None,
@@ -467,6 +492,7 @@ def train(
         float | None,
         _opt(
             "--until-accuracy",
+            callback=_finite,
             metavar="X",
             help="Stop once greedy exact match on a sample of "
             "the training examples reaches X; exit 3 if the run ends below it.",
@@ -478,7 +504,13 @@ def train(
         int, _opt("--check-sample", min=1, help="Training examples per accuracy check.")
     ] = 256,
     seed: Annotated[
-        int, _opt("--seed", help="Seed of initialisation and data order: same seed, same bytes.")
+        int,
+        _opt(
+            "--seed",
+            min=0,
+            max=MAX_SEED,
+            help="Seed of initialisation and data order: same seed, same bytes.",
+        ),
     ] = 0,
     device: Annotated[
         str,
@@ -515,7 +547,14 @@ def train(
 
         transformers_logging.disable_progress_bar()  # the env variable is read once, at import
         transformers_logging.set_verbosity_error()
-    from lrtool.train import Distributed, TrainSettings, check_reached, checkpoint_dir, remove_checkpoint
+    from lrtool.train import (
+        Distributed,
+        TrainSettings,
+        check_reached,
+        checkpoint_dir,
+        recover_checkpoint,
+        remove_checkpoint,
+    )
     from lrtool.train import train as run_training
 
     settings = TrainSettings(
@@ -551,15 +590,23 @@ def train(
         trust_remote_code=trust_remote_code,
     ).resolved()
     is_main = Distributed.from_env().is_main
-    io.check_output_free(out, force)
-    if resume and not checkpoint_dir(Path(out)).is_dir():
-        raise UsageError(f"--resume: no checkpoint at {checkpoint_dir(Path(out))}")
+    inputs = [*settings.data, *settings.vocab_from, settings.base]
+    io.check_output_free(out, force, inputs, directory=True)
+    checkpoint = checkpoint_dir(Path(out))
+    recover_checkpoint(checkpoint)
+    if resume and not checkpoint.is_dir():
+        raise UsageError(f"--resume: no checkpoint at {checkpoint}")
     with (
         _progress(quiet or not is_main) as on_progress,
-        io.atomic_output_dir(out, force, enabled=is_main) as tmp,
+        io.atomic_output_dir(out, force, enabled=is_main, inputs=inputs) as tmp,
     ):
         result = run_training(
-            settings, tmp, command=["lrtool", *SESSION.argv], resume=resume, on_progress=on_progress
+            settings,
+            tmp,
+            command=["lrtool", *SESSION.argv],
+            resume=resume,
+            on_progress=on_progress,
+            checkpoint=checkpoint,
         )
     if is_main:
         remove_checkpoint(Path(out))
@@ -676,13 +723,20 @@ def merge_command(
         float | None,
         _opt(
             "--density",
+            callback=_finite,
             help="ties, dare-*, magnitude-prune, knots: fraction of entries kept, in (0, 1] (default 0.5).",
             show_default=False,
         ),
     ] = None,
     seed: Annotated[
         int | None,
-        _opt("--seed", help="dare-*: seed of the drop masks (default 0).", show_default=False),
+        _opt(
+            "--seed",
+            min=0,
+            max=MAX_SEED,
+            help="dare-*: seed of the drop masks (default 0).",
+            show_default=False,
+        ),
     ] = None,
     into_base: Annotated[
         str | None,
@@ -694,6 +748,13 @@ def merge_command(
             show_default=False,
         ),
     ] = None,
+    allow_base_mismatch: Annotated[
+        bool,
+        _opt(
+            "--allow-base-mismatch",
+            help="Merge adapters whose configs name different bases (e.g. one model under two names).",
+        ),
+    ] = False,
     list_methods: Annotated[
         bool, _opt("--list", help="Print the methods as JSON lines (name, summary, parameters) and exit.")
     ] = False,
@@ -717,8 +778,8 @@ def merge_command(
     if list_methods:
         if adapters or out or method:
             raise UsageError("--list takes no adapters, -o or --method")
-        for description in merging.describe_methods():
-            print(io.dumps_line(description))
+        with io.atomic_output_file(io.STDIO) as handle:
+            io.write_jsonl(merging.describe_methods(), handle)
         return
     if not adapters:
         raise UsageError("give the adapters to merge (or --list to see the methods)")
@@ -727,10 +788,13 @@ def merge_command(
     if method is None:
         raise UsageError(f"give --method, one of: {', '.join(merging.REGISTRY)}")
     parsed_weights = merging.parse_weights(weights, len(adapters))
-    io.check_output_free(out, force)
+    inputs = [*adapters, *([into_base] if into_base else [])]
+    io.check_output_free(out, force, inputs, directory=True)
     started = time.perf_counter()
-    plan = merging.prepare(adapters, method.value, parsed_weights, rank, density, seed, into_base)
-    with io.atomic_output_dir(out, force) as tmp:
+    plan = merging.prepare(
+        adapters, method.value, parsed_weights, rank, density, seed, into_base, allow_base_mismatch
+    )
+    with io.atomic_output_dir(out, force, inputs=inputs) as tmp:
         report = plan.write(tmp)
         inputs = {item["path"]: item["sha256"] for item in report["inputs"]}  # hashed once, for the receipt
         if into_base:
@@ -844,16 +908,17 @@ def diagnose_command(
     for adapter in adapters:
         lines = sys.stdin.read().splitlines() if adapter == io.STDIO else [adapter]
         paths += [line.strip() for line in lines if line.strip()]
+    inputs = [*paths, *([base] if base else [])]
     if plot is not None:
         diagnosis.check_plot_available()
-        io.check_output_free(plot, force)
+        io.check_output_free(plot, force, inputs)
     report = diagnosis.diagnose(paths, base)
-    sys.stdout.write(io.dumps_report(report))
-    sys.stdout.flush()
+    with io.atomic_output_file(io.STDIO) as handle:
+        handle.write(io.dumps_report(report))
     if table:
         _diagnose_table(report)
     if plot is not None:
-        with io.atomic_output_file(plot, force, mode="wb") as handle:
+        with io.atomic_output_file(plot, force, mode="wb", inputs=inputs) as handle:
             diagnosis.write_plot(report, handle)
         log.info("wrote %s", plot)
     counts = report["counts"]
@@ -1064,7 +1129,12 @@ def eval_command(
     ] = None,
     seed: Annotated[
         int,
-        _opt("--seed", min=0, help="Seed of the bootstrap and of candidate draws: same seed, same bytes."),
+        _opt(
+            "--seed",
+            min=0,
+            max=MAX_SEED,
+            help="Seed of the bootstrap and of candidate draws: same seed, same bytes.",
+        ),
     ] = 0,
     out: Annotated[
         str | None,
@@ -1099,6 +1169,7 @@ def eval_command(
         float | None,
         _opt(
             "--fail-under",
+            callback=_finite,
             metavar="X",
             help="Exit 3, after writing, when a system's metric on a whole dataset is below X.",
             show_default=False,
@@ -1162,23 +1233,26 @@ def eval_command(
     if plot is not None:
         check_plot_available()
     is_main = Distributed.from_env().is_main
-    for path in (out, predictions, plot):
-        if path not in (None, io.STDIO) and is_main:
-            io.check_output_free(path, force)
+    inputs = [*data, base, *(spec.path for spec in settings.systems if spec.path)]
+    outputs = [path for path in (out, predictions, plot) if path not in (None, io.STDIO)]
+    if len({Path(path).resolve() for path in outputs}) < len(outputs):
+        raise UsageError("-o, --predictions and --plot must name different files")
+    for path in outputs:
+        if is_main:
+            io.check_output_free(path, force, inputs)
     with _progress(quiet or not is_main, "eval") as on_progress:
         result = evaluation.evaluate(settings, on_progress=on_progress)
     if not is_main:
         return
     report = result.report
     if predictions is not None:
-        with io.atomic_output_file(predictions, force) as handle:
+        with io.atomic_output_file(predictions, force, inputs=inputs) as handle:
             io.write_jsonl(result.prediction_lines(), handle)
     if plot is not None:
-        with io.atomic_output_file(plot, force, mode="wb") as handle:
+        with io.atomic_output_file(plot, force, mode="wb", inputs=inputs) as handle:
             write_plot(report, handle)
-    with io.atomic_output_file(out or io.STDIO, force) as handle:
+    with io.atomic_output_file(out or io.STDIO, force, inputs=inputs) as handle:
         handle.write(io.dumps_report(report))
-        handle.flush()
     if table:
         _eval_table(report)
     failing = evaluation.below(report, fail_under) if fail_under is not None else []
@@ -1245,6 +1319,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         command = typer.main.get_command(app)
         code = command.main(args=SESSION.argv, prog_name="lrtool", standalone_mode=False)
+        with io.writing(io.STDIO):  # what print() left in the buffer: a failed write is an error, not exit 0
+            sys.stdout.flush()
     except LrtoolError as exc:
         _fail(exc, exc.exit_code, str(exc))
     except click_exceptions.NoArgsIsHelpError:  # typer has printed the help already

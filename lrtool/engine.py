@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lrtool.adapters import Adapter
+from lrtool.adapters import Adapter, all_finite
 from lrtool.errors import IncompatibleError
 
 
@@ -194,6 +194,11 @@ class AdapterEngine:
                 if lora is not None:
                     A_all[index, :, : lora.rank] = lora.A.T.to(parameter.dtype)
                     B_all[index, : lora.rank] = (lora.B.double() * lora.scale).T.to(parameter.dtype)
+                    if not (all_finite(A_all[index]) and all_finite(B_all[index])):
+                        raise IncompatibleError(
+                            f"{self.adapters[index].source or 'an adapter'}: module '{name}' overflows "
+                            f"{parameter.dtype} once scaled (a huge lora_alpha?); it cannot be applied"
+                        )
             A_all, B_all = A_all.to(parameter.device), B_all.to(parameter.device)
             self.stacks[name] = (A_all, B_all)
             self.factors[name] = [

@@ -38,7 +38,15 @@ class IncompatibleError(LrtoolError):
 
 
 class OutputExistsError(LrtoolError):
-    """The output path exists and --force was not given."""
+    """The output path exists and --force was not given (or it is not lrtool's to replace)."""
+
+
+class OutputError(LrtoolError):
+    """An output could not be written (a full disk, a quota, a read-only file system)."""
+
+
+class DivergedError(LrtoolError):
+    """Training met a non-finite loss or weight: it stopped without writing an output."""
 
 
 class QualityGateError(LrtoolError):

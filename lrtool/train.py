@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from lrtool import io
-from lrtool.errors import InputError, QualityGateError, UsageError
+from lrtool.errors import DivergedError, InputError, QualityGateError, UsageError, one_line
 from lrtool.formatting import IGNORE, collate, encode_example, word_ids
 from lrtool.models import load_base, texts_of, tiny_preset
 
@@ -82,6 +82,10 @@ class TrainSettings:
         s.loss = ("all" if s.full else "answer") if s.loss is None else s.loss
         if s.epochs is None and s.max_steps is None:
             s.epochs = 20.0
+        for name in ("alpha", "dropout", "lr", "weight_decay", "epochs", "until_accuracy"):
+            value = getattr(s, name)
+            if value is not None and not math.isfinite(value):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         checks = [
             (s.rank >= 0, "--rank must not be negative"),
             (s.alpha > 0 or s.rank == 0, "--alpha must be positive"),
@@ -149,17 +153,51 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def read_examples(paths: list[str]) -> list[tuple[str, str]]:
-    """(prompt, answer) of every line of every file, in order; FILE:LINE errors on bad lines."""
-    examples = []
+def read_examples(paths: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(prompt, answer) of every line of every file, in order, and where each came from (FILE:LINE);
+    FILE:LINE errors on bad lines. DATA is read more than once, so it must be regular files."""
+    examples, origins = [], []
     for path in paths:
-        if path != io.STDIO and not Path(path).is_file():
+        file = Path(path)
+        if file.is_dir():
+            raise InputError(f"{path}: is a directory; give its JSONL files (e.g. {path}/hop1.jsonl)")
+        if file.exists() and not file.is_file():
+            raise InputError(
+                f"{path}: is not a regular file (a pipe or device?); train reads its data more than once: "
+                "save it to a file first"
+            )
+        if not file.exists():
             raise InputError(f"{path}: no such file")
         before = len(examples)
-        examples.extend((obj["prompt"], obj["answer"]) for obj in io.read_jsonl(path))
+        for line, obj in io.read_jsonl_numbered(path):
+            examples.append((obj["prompt"], obj["answer"]))
+            origins.append(f"{path}:{line}")
         if len(examples) == before:
             raise InputError(f"{path}: no examples (the file is empty)")
-    return examples
+    return examples, origins
+
+
+# A token is rarely longer than this many characters: a prompt of more than CHARS_PER_TOKEN x max_length
+# characters is cut to its tail before tokenizing (what truncation keeps anyway), so a huge line costs no
+# more than a long one; an answer that long cannot fit at all.
+CHARS_PER_TOKEN = 32
+
+
+def encode_line(tokenizer, prompt: str, answer: str, where: str, s: "TrainSettings", loss_on_prompt: bool):
+    """encode_example of one line, with a huge prompt first cut to the tail truncation would keep."""
+    limit = CHARS_PER_TOKEN * s.max_length
+    if len(answer) > limit:
+        raise UsageError(
+            f"{where}: the answer has {len(answer)} characters, more than --max-length {s.max_length} "
+            "tokens can hold; raise --max-length or shorten the answer"
+        )
+    if len(prompt) > limit:
+        tail = prompt[-limit:]
+        space = tail.find(" ")  # start at a word boundary, as tokenizers split words
+        prompt = tail[space + 1 :] if 0 <= space < len(tail) - 1 else tail
+    return encode_example(
+        tokenizer, prompt, answer, chat_template=s.chat_template, loss_on_prompt=loss_on_prompt
+    )
 
 
 def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
@@ -333,11 +371,13 @@ def train(
     resume: bool = False,
     on_progress: Callable[[int, int, dict], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    checkpoint: Path | None = None,
 ) -> TrainResult:
     """Train, then write the result into `out` (a fresh directory the caller renames into place).
 
     `on_progress(step, total, metrics)` reports progress; `on_step(step)` runs after each optimizer step
-    (tests use it to interrupt). On KeyboardInterrupt the state is saved to `checkpoint_dir(final)` first.
+    (tests use it to interrupt). On KeyboardInterrupt the state is saved to `checkpoint` (by default
+    `checkpoint_dir(out)`; the CLI passes the one of the final output) first, and `resume` reads it.
     """
     import torch
 
@@ -349,7 +389,7 @@ def train(
     if dist.world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
-    examples = read_examples(s.data)
+    examples, origins = read_examples(s.data)
     torch.manual_seed(s.seed)
     vocab = list(texts_of(s.data + s.vocab_from)) if tiny_preset(s.base) else ()
     model, tokenizer = load_base(
@@ -361,11 +401,8 @@ def train(
     )
     if s.chat_template and not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"--chat-template: the tokenizer of {s.base} has no chat template (drop the flag)")
-    encoded = [
-        encode_example(tokenizer, p, a, chat_template=s.chat_template, loss_on_prompt=s.loss == "all")
-        for p, a in examples
-    ]
-    encoded = _truncate(encoded, s.max_length)
+    encoded = [encode_line(tokenizer, p, a, w, s, s.loss == "all") for (p, a), w in zip(examples, origins)]
+    encoded = _truncate(encoded, origins, s.max_length)
     token_ids = token_ids_for(s.train_tokens, tokenizer, s.base, examples) if s.train_tokens else None
     if not s.full:
         model = wrap_with_peft(model, s, token_ids)
@@ -384,12 +421,10 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     # Accuracy is greedy exact match on the answer, whatever --loss trains on.
-    check_encoded = [
-        encode_example(tokenizer, *examples[i], chat_template=s.chat_template)
-        for i in _check_sample(len(examples), s.check_sample, s.seed)
-    ]
-    check_encoded = _truncate(check_encoded, s.max_length, warn=False)
-    ckpt = checkpoint_dir(out_final(out))
+    sample = _check_sample(len(examples), s.check_sample, s.seed)
+    check_encoded = [encode_line(tokenizer, *examples[i], origins[i], s, False) for i in sample]
+    check_encoded = _truncate(check_encoded, [origins[i] for i in sample], s.max_length, warn=False)
+    ckpt = checkpoint if checkpoint is not None else checkpoint_dir(out)
     log_lines: list[dict] = []
     step = 0
     if resume:
@@ -420,13 +455,15 @@ def train(
                         (token_loss * dist.world_size / max(1, step_tokens)).backward()
                     loss_sum += token_loss.detach()
                     tokens_seen += int(batch["attention_mask"].sum())
+                if dist.world_size > 1:
+                    torch.distributed.all_reduce(loss_sum)
+                if not math.isfinite(float(loss_sum)):  # before the step: the weights are still finite
+                    raise _diverged(f"the loss is {float(loss_sum)} at step {step + 1}", s)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 at_boundary = True
-                if dist.world_size > 1:
-                    torch.distributed.all_reduce(loss_sum)
                 last_loss = float(loss_sum) / max(1, step_tokens)
                 elapsed = time.perf_counter() - started
                 metrics = {
@@ -482,6 +519,8 @@ def train(
         raise
     if s.until_accuracy is not None and reached is None:
         reached = False
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad):
+        raise _diverged(f"the weights hold NaN or infinite values after step {step}", s)
     seconds = time.perf_counter() - started
     result = TrainResult(
         step,
@@ -498,6 +537,11 @@ def train(
     if dist.world_size > 1:
         torch.distributed.barrier()
     return result
+
+
+def _diverged(what: str, s: TrainSettings) -> DivergedError:
+    lower = f"--lr (now {s.lr:g})" + ("" if s.full else f" or --alpha (now {s.alpha:g})")
+    return DivergedError(f"training diverged: {what}; nothing was written: lower {lower} and rerun")
 
 
 def check_reached(result: TrainResult, settings: TrainSettings) -> None:
@@ -575,21 +619,21 @@ def _check_sample(n: int, size: int, seed: int) -> list[int]:
     return sorted(rows[:size])
 
 
-def _truncate(encoded, max_length: int, warn: bool = True):
+def _truncate(encoded, origins: list[str], max_length: int, warn: bool = True):
     """Keep the answer whole and drop prompt tokens from the left where a line exceeds max_length.
 
-    A line whose answer alone does not fit is refused (with --loss all every token is "answer": plain
-    corpora are cut on the left as they come)."""
+    A line whose answer leaves no room for a prompt token is refused, naming FILE:LINE (with --loss all
+    every token is "answer": plain corpora are cut on the left as they come)."""
     out, cut = [], 0
-    for number, (ids, labels) in enumerate(encoded, start=1):
+    for (ids, labels), where in zip(encoded, origins):
+        answer = sum(1 for label in labels if label != IGNORE)
+        if IGNORE in labels and answer >= max_length:
+            raise UsageError(
+                f"{where}: the answer is {answer} tokens, so --max-length {max_length} leaves no room for "
+                "the prompt; raise --max-length"
+            )
         if len(ids) > max_length:
             cut += 1
-            dropped = labels[: len(ids) - max_length]
-            if IGNORE in labels and any(label != IGNORE for label in dropped):
-                raise UsageError(
-                    f"line {number} of the data: its answer is longer than --max-length "
-                    f"{max_length} tokens; raise --max-length"
-                )
             ids, labels = ids[-max_length:], labels[-max_length:]
         out.append((ids, labels))
     if cut and warn:
@@ -600,14 +644,6 @@ def _truncate(encoded, max_length: int, warn: bool = True):
 
 
 # ---------------------------------------------------------------------------------------------- output
-
-
-def out_final(out: Path) -> Path:
-    """The final output path of a temporary output directory made by io.atomic_output_dir."""
-    name = out.name
-    if name.startswith(".") and name.endswith(".tmp"):
-        return out.with_name(name[1:].rsplit(".", 2)[0])
-    return out
 
 
 def _write_output(out: Path, model, tokenizer, s: TrainSettings, encoded, log_lines, result, command):
@@ -621,10 +657,22 @@ def _write_output(out: Path, model, tokenizer, s: TrainSettings, encoded, log_li
         (out / SEEN_TOKENS).write_text(json.dumps({"token_ids": sorted(seen)}) + "\n")
     else:
         model.save_pretrained(out)
+        _sort_sets(out / "adapter_config.json")
     with open(out / "train_log.jsonl", "w", encoding="utf-8") as handle:
         io.write_jsonl(log_lines + [{"final": result.summary()}], handle)
     inputs = list(s.data) + list(s.vocab_from) + ([s.base] if Path(s.base).exists() else [])
     io.write_manifest(out, command, s.seed, inputs=inputs, extra={"settings": asdict(s)})
+
+
+def _sort_sets(config_file: Path) -> None:
+    """peft writes the sets of its config (target_modules) in set order, which changes with the hash
+    seed: sort them, so that the same run gives the same bytes. Written as peft writes it (indent 2, sorted
+    keys)."""
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def checkpoint_dir(final: Path) -> Path:
@@ -638,52 +686,132 @@ def remove_checkpoint(final: Path) -> None:
     shutil.rmtree(checkpoint_dir(final), ignore_errors=True)
 
 
+CHECKPOINT_FILES = ("checkpoint.json", "trainable.safetensors", "state.safetensors")
+
+
 def save_checkpoint(ckpt: Path, s: TrainSettings, model, optimizer, scheduler, step: int, log_lines) -> None:
-    """Trainable weights, optimizer, scheduler, RNG and step: what resume needs to continue exactly."""
+    """Trainable weights, optimizer, scheduler, RNG and step: what resume needs to continue exactly.
+
+    Tensors go to safetensors and the rest to JSON (nothing is pickled). The new checkpoint is written
+    beside the old one and swapped in by renames, so a kill at any moment leaves one complete checkpoint.
+    """
+    import shutil
+    import tempfile
+
     import torch
     from safetensors.torch import save_file
 
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, tmp / "trainable.safetensors")
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-        },
-        tmp / "state.pt",
-    )
-    (tmp / "checkpoint.json").write_text(
-        json.dumps({"step": step, "fingerprint": s.fingerprint(), "log": log_lines}, sort_keys=True) + "\n"
-    )
-    if ckpt.exists():
-        import shutil
+    io.remove_stale_temporaries(ckpt)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ckpt.name}.{os.getpid()}.", suffix=".tmp", dir=ckpt.parent))
+    try:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, tmp / "trainable.safetensors")
+        tensors: dict = {"rng": torch.get_rng_state()}
+        state = {
+            "optimizer": _without_tensors(optimizer.state_dict(), "optimizer", tensors),
+            "scheduler": _without_tensors(scheduler.state_dict(), "scheduler", tensors),
+        }
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
+        meta = {"step": step, "fingerprint": s.fingerprint(), "log": log_lines, "state": state}
+        (tmp / "checkpoint.json").write_text(io.dumps_line(meta) + "\n", encoding="utf-8")
+        old = ckpt.with_name(f".{ckpt.name}.old-{os.getpid()}")
+        if ckpt.exists():
+            os.replace(ckpt, old)
+        os.replace(tmp, ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
-        shutil.rmtree(ckpt)
-    tmp.rename(ckpt)
+
+def recover_checkpoint(ckpt: Path) -> None:
+    """Put back the previous checkpoint when a run was killed between the two renames of save_checkpoint."""
+    if ckpt.exists():
+        return
+    for sibling in sorted(ckpt.parent.glob(f".{ckpt.name}.old-*")):
+        if (sibling / "checkpoint.json").is_file():
+            os.replace(sibling, ckpt)
+            return
 
 
 def load_checkpoint(ckpt: Path, s: TrainSettings, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+    """Restore what save_checkpoint saved; refuse, naming the checkpoint, one that is damaged, pickled by an
+    older lrtool, made with other settings, or holding non-finite weights."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    meta_file = ckpt / "checkpoint.json"
-    if not meta_file.is_file():
+    recover_checkpoint(ckpt)
+    if not (ckpt / "checkpoint.json").is_file():
         raise UsageError(f"--resume: no checkpoint at {ckpt}")
-    meta = json.loads(meta_file.read_text())
-    if meta["fingerprint"] != s.fingerprint():
+    if (ckpt / "state.pt").exists() and not (ckpt / "state.safetensors").exists():
+        raise InputError(
+            f"{ckpt} was written by an older lrtool (a pickled state.pt, which lrtool never unpickles): "
+            "delete it and rerun without --resume"
+        )
+    try:
+        meta = json.loads((ckpt / "checkpoint.json").read_text(encoding="utf-8"))
+        fingerprint, step, log_lines, state = meta["fingerprint"], meta["step"], meta["log"], meta["state"]
+        trainable = load_file(ckpt / "trainable.safetensors")
+        tensors = load_file(ckpt / "state.safetensors")
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise InputError(
+            f"the checkpoint {ckpt} is damaged ({one_line(error)}): delete it, or rerun without --resume"
+        ) from None
+    if fingerprint != s.fingerprint():
         raise UsageError(
             f"--resume: {ckpt} was made with other data or settings; rerun with the same ones or remove it"
         )
-    trainable = load_file(ckpt / "trainable.safetensors")
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value)
-    state = torch.load(ckpt / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    return meta["step"], meta["log"]
+    if set(trainable) != {n for n, p in params.items() if p.requires_grad}:
+        raise InputError(f"the checkpoint {ckpt} holds other weights than this run trains: delete it")
+    if not all(
+        bool(torch.isfinite(t).all())
+        for t in [*trainable.values(), *tensors.values()]
+        if t.is_floating_point()
+    ):
+        raise InputError(
+            f"the checkpoint {ckpt} holds non-finite (NaN or infinite) values: training had diverged; "
+            "delete it and rerun without --resume, with a lower --lr"
+        )
+    try:
+        with torch.no_grad():
+            for name, value in trainable.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(_with_tensors(state["optimizer"], tensors))
+        scheduler.load_state_dict(_with_tensors(state["scheduler"], tensors))
+        torch.set_rng_state(tensors["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise InputError(
+            f"the checkpoint {ckpt} is damaged ({one_line(error)}): delete it, or rerun without --resume"
+        ) from None
+    return step, log_lines
+
+
+def _without_tensors(value, path: str, tensors: dict):
+    """`value` as JSON-ready data: each tensor moved into `tensors` under its path and left as a reference,
+    tuples and non-string dict keys tagged so that _with_tensors restores them exactly."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value
+        return {"tensor": path}
+    if isinstance(value, dict):
+        return {"items": [[k, _without_tensors(v, f"{path}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"tuple": [_without_tensors(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_without_tensors(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _with_tensors(value, tensors: dict):
+    if isinstance(value, dict):
+        if "tensor" in value:
+            return tensors[value["tensor"]]
+        if "tuple" in value:
+            return tuple(_with_tensors(v, tensors) for v in value["tuple"])
+        return {k: _with_tensors(v, tensors) for k, v in value["items"]}
+    if isinstance(value, list):
+        return [_with_tensors(v, tensors) for v in value]
+    return value

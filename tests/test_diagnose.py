@@ -184,6 +184,10 @@ def non_finite(tmp):
     return write_peft(tmp / "a", {Q0: (A, B)}), Q0
 
 
+def overflow(tmp):
+    return write_peft(tmp / "a", {Q0: factors(Q0)}, config={"lora_alpha": 1e308}), Q0
+
+
 def shape_mismatch(tmp):
     A, _ = factors(Q0, rank=2)
     _, B = factors(Q0, rank=3)
@@ -238,6 +242,7 @@ def dtype_mixed(tmp):
 BUILT = [  # (builder, the code it must fire, its severity, whether it needs --base)
     (malformed, "malformed", "error", False),
     (non_finite, "non-finite", "error", False),
+    (overflow, "overflow", "error", False),
     (shape_mismatch, "shape-mismatch", "error", False),
     (config_rank, "config-mismatch", "error", False),
     (config_targets, "config-mismatch", "warning", False),

@@ -24,6 +24,12 @@ FINDINGS = (  # code, severity, meaning
         "a factor that is not 2-D, rank 0, an alpha that is not a scalar or belongs to no factors.",
     ),
     ("non-finite", "error", "NaN or infinity in a factor or in the scale (alpha)."),
+    (
+        "overflow",
+        "error",
+        "The update dW = scale * B @ A reaches values beyond float32's range (3.4e38; a lora_alpha of 1e308, "
+        "say): in float32 or bfloat16 it is infinite, so merge and eval refuse it.",
+    ),
     ("shape-mismatch", "error", "A [r, in] and B [out, r] disagree on the rank r."),
     (
         "config-mismatch",

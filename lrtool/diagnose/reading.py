@@ -38,6 +38,7 @@ from lrtool.adapters import (
     TENSOR_FEATURES,
     Adapter,
     LoraModule,
+    check_computable,
     load_adapter,
     match_module_names,
     pattern_key,
@@ -310,6 +311,13 @@ def _check_structure(item: AdapterInput) -> None:
         if shapes["A"][0] == 0:
             item.add("malformed", "rank 0", module)
             continue
+        if 0 in shapes["A"] or 0 in shapes["B"]:
+            item.add(
+                "malformed",
+                f"A is {shapes['A']} and B is {shapes['B']}: a factor with a zero dimension",
+                module,
+            )
+            continue
         if shapes["A"][0] != shapes["B"][1]:
             item.add(
                 "shape-mismatch",
@@ -484,6 +492,11 @@ def _load(item: AdapterInput) -> None:
             code = "unsupported-feature" if isinstance(error, UnsupportedFeatureError) else "malformed"
             item.add(code, item.refused)
         adapter = None
+    else:
+        try:  # integer or non-finite factors: merge and eval refuse them; the findings below say where
+            check_computable(adapter)
+        except LrtoolError as error:
+            item.refused = one_line(error)
     if item.unreadable:
         return
     if adapter is not None:

@@ -29,11 +29,12 @@ from lrtool.diagnose.findings import (
     ZERO_UPDATE_TOLERANCE,
 )
 from lrtool.diagnose.reading import AdapterInput, BaseWeights, check_base, read_adapter, rename_modules
-from lrtool.errors import InputError
+from lrtool.errors import InputError, one_line
 
 log = logging.getLogger(__name__)
 
 PRECISION = 6  # significant digits of every float in the report
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def diagnose(paths: list[str], base: str | None = None) -> dict:
@@ -68,13 +69,33 @@ def diagnose(paths: list[str], base: str | None = None) -> dict:
         spectra = {}
         for i, item in enumerate(inputs):
             if name in item.lora:
-                spectra[i] = spectrum(item.lora[name])
+                try:
+                    found = spectrum(item.lora[name])
+                except (ArithmeticError, ValueError, RuntimeError) as error:  # this adapter's problem only
+                    item.add("malformed", f"its spectrum cannot be computed ({one_line(error)})", name)
+                    del item.lora[name]
+                    continue
+                top = float(found[1][0]) if len(found[1]) else 0.0
+                if top > FLOAT32_MAX:
+                    item.add(
+                        "overflow",
+                        f"the update reaches {top:.3g} (scale {item.lora[name].scale:.3g}), beyond float32's "
+                        f"range ({FLOAT32_MAX:.3g}): in float32 or bfloat16 it is infinite",
+                        name,
+                    )
+                    del item.lora[name]
+                    continue
+                spectra[i] = found
                 _add_figures(item, name, spectra[i][1], base_weights)
         for pair in pairs:
             if pair.a in spectra and pair.b in spectra:
                 a, b = inputs[pair.a], inputs[pair.b]
                 pair.add(name, a.lora[name], b.lora[name], spectra[pair.a], spectra[pair.b])
 
+    for item in inputs:
+        overflowing = next((f for f in item.findings if f["code"] == "overflow"), None)
+        if overflowing is not None and item.refused is None:  # merge and eval refuse such an update
+            item.refused = f"module '{overflowing['module']}' overflows float32: {overflowing['message']}"
     report = {
         "adapters": [_adapter_entry(item) for item in inputs],
         "base": base,

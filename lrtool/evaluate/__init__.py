@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrtool import io
+from lrtool import __version__, io
 from lrtool.errors import UsageError
 from lrtool.evaluate.datasets import Dataset, breakdowns, read_datasets
 from lrtool.evaluate.report import DIGITS, build_rows, metric_names, prediction_lines, primary_metric
@@ -108,6 +108,7 @@ def evaluate(settings: EvalSettings, on_progress: Callable[[int, int], None] | N
     if Path(settings.base).exists():
         inputs.append(settings.base)
     report = {
+        "lrtool": __version__,
         "settings": {
             "base": settings.base,
             "batch_size": run.batch_size,

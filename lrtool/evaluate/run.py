@@ -112,7 +112,7 @@ def score(
 
 def _load(base: str, specs: list[SystemSpec], settings: RunSettings, device, dtype):
     """The base with every adapter system hooked in, and each model system; what each system is."""
-    from lrtool.adapters import load_adapter, match_module_names
+    from lrtool.adapters import check_computable, load_adapter, match_module_names
     from lrtool.engine import AdapterEngine, OneAdapter
     from lrtool.models import module_names
 
@@ -122,6 +122,7 @@ def _load(base: str, specs: list[SystemSpec], settings: RunSettings, device, dty
     for index, spec in enumerate(specs):
         if spec.kind == "adapter":
             adapter = match_module_names(load_adapter(spec.path), names)
+            check_computable(adapter)
             shared.append((index, OneAdapter(len(adapters))))
             adapters.append(adapter)
             described.append(

@@ -37,8 +37,17 @@ from pathlib import Path
 import torch
 
 from lrtool import lowrank
-from lrtool.adapters import Adapter, LoraModule, load_adapter, match_module_names, save_adapter
-from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError, UsageError
+from lrtool.adapters import (
+    Adapter,
+    LoraModule,
+    all_finite,
+    check_computable,
+    load_adapter,
+    match_module_names,
+    same_base,
+    save_adapter,
+)
+from lrtool.errors import IncompatibleError, InputError, UsageError
 from lrtool.io import dumps_report, sha256_path
 
 REPORT = "merge_report.json"
@@ -455,11 +464,13 @@ def plan_merge(
     density: float | None = None,
     seed: int | None = None,
     into_base: bool = False,
+    allow_base_mismatch: bool = False,
 ) -> MergePlan:
     """Check that `adapters` can be merged with `method` and line them up by module; compute nothing.
 
     Raises UsageError (bad weights or parameters), InputError (non-finite values) or IncompatibleError
-    (different bases, shapes or fan_in_fan_out; what the method itself refuses, e.g. unequal ranks).
+    (different bases, unless `allow_base_mismatch`; shapes or fan_in_fan_out; what the method itself
+    refuses, e.g. unequal ranks).
     """
     if isinstance(method, str):
         from lrtool.merge import get
@@ -475,9 +486,8 @@ def plan_merge(
             "so drop --rank"
         )
     for adapter in adapters:
-        _check_floating(adapter)
-        _check_finite(adapter)
-    base = _common_base(adapters)
+        check_computable(adapter)
+    base = _common_base(adapters, allow_base_mismatch)
     fan_in_fan_out = _common_flag(adapters, "fan_in_fan_out")
     sources = tuple(a.source or f"adapter {i + 1}" for i, a in enumerate(adapters))
     inputs = {}
@@ -532,51 +542,25 @@ def _plan_notes(plan: MergePlan, mixed_dtypes: bool, narrow: bool = False) -> li
     return notes
 
 
-def _check_floating(adapter: Adapter) -> None:
-    where = adapter.source or "adapter"
-    for name, module in adapter.modules.items():
-        for role, tensor in (("A", module.A), ("B", module.B)):
-            if not tensor.is_floating_point():
-                dtype = str(tensor.dtype).removeprefix("torch.")
-                raise UnsupportedFeatureError(
-                    f"{where}: module '{name}' stores its {role} factor as {dtype} (quantised?); only "
-                    "floating-point factors can be merged: dequantise the adapter first"
-                )
-
-
 def overflow_message(name: str, what: str, dtype: torch.dtype, how: str) -> str:
-    """Why module `name` cannot be written: `what` does not fit `dtype`; `how` to merge in float32."""
+    """Why module `name` cannot be written: `what` does not fit `dtype`; `how` to merge in float32 when the
+    dtype is narrower than that (in float32 itself, only smaller inputs help)."""
+    if dtype.itemsize >= 4:
+        return (
+            f"module '{name}' overflows {str(dtype).removeprefix('torch.')} ({what} beyond its range): the "
+            "adapters' scales (lora_alpha) or --weights are too large for any float32 result; check them"
+        )
     dtype = str(dtype).removeprefix("torch.")
     return f"module '{name}' overflows {dtype} ({what} beyond its range); merge in float32: {how}"
 
 
-def _check_finite(adapter: Adapter) -> None:
-    where = adapter.source or "adapter"
-    for name, module in adapter.modules.items():
-        if not math.isfinite(module.scale):
-            raise InputError(f"{where}: module '{name}' has a non-finite scale ({module.scale})")
-        for role, tensor in (("A", module.A), ("B", module.B)):
-            if not all_finite(tensor):
-                raise InputError(
-                    f"{where}: module '{name}' has non-finite values (NaN or inf) in its {role} factor"
-                )
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    # A float64 sum is NaN or inf exactly when an entry is, for inputs narrower than float64 (no overflow
-    # possible), and ~10x cheaper than an elementwise isfinite on the CPU.
-    if tensor.dtype != torch.float64 and bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
-        return True
-    return bool(torch.isfinite(tensor).all())
-
-
-def _common_base(adapters: Sequence[Adapter]) -> str | None:
+def _common_base(adapters: Sequence[Adapter], allow_mismatch: bool = False) -> str | None:
     known = [(a.base.rstrip("/"), a.source or f"adapter {i + 1}") for i, a in enumerate(adapters) if a.base]
     for base, source in known[1:]:
-        if base != known[0][0]:
+        if not same_base(base, known[0][0]) and not allow_mismatch:
             raise IncompatibleError(
                 f"adapters for different bases: {known[0][1]} is for '{known[0][0]}' but {source} is for "
-                f"'{base}'"
+                f"'{base}'; if these name one model, pass --allow-base-mismatch"
             )
     return known[0][0] if known else None
 
@@ -610,6 +594,7 @@ def prepare(
     density: float | None = None,
     seed: int | None = None,
     into_base: str | Path | None = None,
+    allow_base_mismatch: bool = False,
 ) -> MergePlan:
     """Load the adapters (and open the base for --into-base) and plan the merge; write nothing.
 
@@ -626,7 +611,16 @@ def prepare(
     else:  # without a base, the other adapters' dotted paths are the names to match
         module_names = sorted({name for a in adapters for name in a.modules if "." in name})
     adapters = [match_module_names(adapter, module_names) for adapter in adapters]
-    plan = plan_merge(adapters, method, weights, rank, density, seed, into_base=base_model is not None)
+    plan = plan_merge(
+        adapters,
+        method,
+        weights,
+        rank,
+        density,
+        seed,
+        into_base=base_model is not None,
+        allow_base_mismatch=allow_base_mismatch,
+    )
     # Also when no name is dotted (only kohya inputs, no base): the names would stay mangled.
     _check_names_matched(adapters, base_model.source if base_model is not None else None)
     if base_model is not None:

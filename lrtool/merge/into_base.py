@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lrtool.adapters import PICKLE_SUFFIXES
+from lrtool.adapters import PICKLE_SUFFIXES, all_finite
 from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError, one_line
-from lrtool.merge.base import MergePlan, all_finite, overflow_message, relative
+from lrtool.merge.base import MergePlan, overflow_message, relative
 
 # The files of a model directory that are neither weights nor ours, copied as they are.
 COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
@@ -153,6 +153,16 @@ class BaseModel:
                 if plan.metadata["fan_in_fan_out"]
                 else [out_features, in_features]
             )
+            if shape != expected and plan.metadata["fan_in_fan_out"] and shape == list(inputs.shape):
+                raise IncompatibleError(
+                    f"the adapters set fan_in_fan_out (GPT-2's Conv1D stores weights [in, out]) but '{key}' "
+                    f"in {shard} is stored [out, in] = {shape}: the adapters were made for another layer type"
+                )
+            if shape != expected and plan.metadata["fan_in_fan_out"]:
+                raise IncompatibleError(
+                    f"module '{name}' needs '{key}' stored [in, out] = {expected} (the adapters set "
+                    f"fan_in_fan_out) but '{key}' is {shape} in {shard}: adapters for a different base"
+                )
             if shape != expected:
                 raise IncompatibleError(
                     f"module '{name}' is {list(inputs.shape)} (out, in) in the adapters but '{key}' is "
