@@ -893,8 +893,9 @@ def diagnose_command(
     module; column_overlap and row_overlap, the mean squared cosine of the principal angles between the
     updates' column (row) spaces; sign_conflict, the TIES sign-conflict rate (entries of the dense updates,
     among those non-zero in both, whose signs differ); factor_avg_error, the relative error of averaging A
-    and B separately against the exact average of the updates (over common modules of equal rank); and a
-    verdict: low, moderate or high interference.
+    and B separately against the exact average of the updates (over common modules of equal rank);
+    base_mismatch, whether the adapters declare different bases (as merge judges it: local paths resolved);
+    and a verdict: low, moderate or high interference, or incompatible.
 
     A file that cannot be read is a finding (unreadable), not a failure: every other input is reported.
     """

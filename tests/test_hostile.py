@@ -193,9 +193,12 @@ def test_merge_takes_one_base_spelled_two_ways_and_refuses_two_bases_unless_told
     declare_base(a, "./base")
     declare_base(b, str(env.base.resolve()) + "/")
     assert cli("merge", str(a), str(b), "--method", "linear", "-o", str(tmp_path / "m1"), "-q")[0] == 0
+    assert json.loads(cli("diagnose", str(a), str(b))[1])["pairs"][0]["base_mismatch"] is False
     declare_base(b, "someone/another-model")
     code, _, err = cli("merge", str(a), str(b), "--method", "linear", "-o", str(tmp_path / "m2"))
     assert code == 1 and "different bases" in err and "--allow-base-mismatch" in err
+    pair = json.loads(cli("diagnose", str(a), str(b))[1])["pairs"][0]  # diagnose says what merge does
+    assert pair["base_mismatch"] is True and "--allow-base-mismatch" in pair["verdict"]
     extra = ["--allow-base-mismatch", "-q"]
     assert cli("merge", str(a), str(b), "--method", "linear", "-o", str(tmp_path / "m3"), *extra)[0] == 0
 

@@ -11,6 +11,7 @@ import math
 import torch
 
 from lrtool import io
+from lrtool.adapters import same_base
 from lrtool.diagnose.figures import (
     AGREEING_COSINE,
     LOSSY_FACTOR_AVG,
@@ -202,8 +203,15 @@ def _pair_entry(pair: PairFigures, inputs: list[AdapterInput]) -> dict:
         else None
     )
     unusable = [item.path for item in (a, b) if not item.lora]
+    # As merge decides: declared bases that differ (once local paths are resolved) make a pair merge refuses.
+    base_mismatch = bool(a.base and b.base and not same_base(a.base, b.base))
     if unusable:
         text = f"unknown: no usable modules in {', '.join(unusable)}"
+    elif base_mismatch:
+        text = (
+            f"incompatible: declared for different bases ('{a.base}', '{b.base}'); merge refuses them unless "
+            "--allow-base-mismatch"
+        )
     elif pair.shape_conflicts:
         text = f"incompatible: {len(pair.shape_conflicts)} common modules differ in shape (different bases?)"
     elif not pair.modules:
@@ -219,6 +227,7 @@ def _pair_entry(pair: PairFigures, inputs: list[AdapterInput]) -> dict:
         "row_overlap": row,
         "sign_conflict": pair.conflicts / pair.both_nonzero if pair.both_nonzero else None,
         "factor_avg_error": factor_avg_error,
+        "base_mismatch": base_mismatch,
         "verdict": text,
         "common_modules": len(pair.modules),
         "only_in_a": len(set(a.lora) - set(b.lora)),
