@@ -109,7 +109,7 @@ def main() -> None:
         ours_runs, plain_runs = [], []
         for repeat in range(options.repeats):
             plain_runs.append(plain_loop(tmp / "base", data, options.steps, options.batch_size, 5e-4))
-            ours_runs.append(train(settings, tmp / f"ours{repeat}", command=["benchmark"]))
+            ours_runs.append(train(settings, tmp / f"ours{repeat}"))
         ours = max(ours_runs, key=lambda r: r.tokens_per_second)
         seconds, tokens = min(plain_runs)
 

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -197,11 +197,10 @@ def _generate(task: str, config, split: str | None, templates: str, seed: int, o
         raise UsageError("give --split NAME (one split to stdout) or -o DIR (every split)")
     if templates != "train":
         raise UsageError("--templates applies to --split; -o DIR writes both template sets")
-    with io.atomic_output_dir(out, force) as tmp:
+    manifest = io.Manifest(["lrtool", *SESSION.argv], seed)
+    with io.atomic_output_dir(out, force, manifest=manifest) as tmp:
         counts = write_dataset_dir(module, config, seed, tmp)
-        io.write_manifest(
-            tmp, ["lrtool", *SESSION.argv], seed, extra={"task": task, "config": counts["config"]}
-        )
+        manifest.extra = {"task": task, "config": counts["config"]}
     log.info("wrote %s", ", ".join(f"{name} ({n})" for name, n in counts["files"].items()))
     print(out)
 
@@ -596,14 +595,15 @@ def train(
     recover_checkpoint(checkpoint)
     if resume and not checkpoint.is_dir():
         raise UsageError(f"--resume: no checkpoint at {checkpoint}")
+    existing = [path for path in inputs if Path(path).exists()]  # a hub id is no input file
+    manifest = io.Manifest(["lrtool", *SESSION.argv], settings.seed, existing, {"settings": asdict(settings)})
     with (
         _progress(quiet or not is_main) as on_progress,
-        io.atomic_output_dir(out, force, enabled=is_main, inputs=inputs) as tmp,
+        io.atomic_output_dir(out, force, enabled=is_main, inputs=inputs, manifest=manifest) as tmp,
     ):
         result = run_training(
             settings,
             tmp,
-            command=["lrtool", *SESSION.argv],
             resume=resume,
             on_progress=on_progress,
             checkpoint=checkpoint,
@@ -794,14 +794,12 @@ def merge_command(
     plan = merging.prepare(
         adapters, method.value, parsed_weights, rank, density, seed, into_base, allow_base_mismatch
     )
-    with io.atomic_output_dir(out, force, inputs=inputs) as tmp:
+    manifest = io.Manifest(["lrtool", *SESSION.argv], plan.settings.seed, extra={"method": method.value})
+    with io.atomic_output_dir(out, force, inputs=inputs, manifest=manifest) as tmp:
         report = plan.write(tmp)
-        inputs = {item["path"]: item["sha256"] for item in report["inputs"]}  # hashed once, for the receipt
+        manifest.inputs = {item["path"]: item["sha256"] for item in report["inputs"]}  # hashed once
         if into_base:
-            inputs[into_base] = report["into_base"]["sha256"]
-        io.write_manifest(
-            tmp, ["lrtool", *SESSION.argv], plan.settings.seed, inputs=inputs, extra={"method": method.value}
-        )
+            manifest.inputs[into_base] = report["into_base"]["sha256"]
     for line in merging.summary_lines(report):
         log.info("%s", line)
     log.info("wrote %s in %.1f s", out, time.perf_counter() - started)

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrtool import __version__
@@ -132,6 +133,37 @@ def sha256_path(path: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class Manifest:
+    """What an output directory's lrtool.json says: the lrtool version, the command line, the seed, the
+    sha256 of every input (`inputs`: paths, or a mapping path -> sha256 already computed, so that large
+    inputs are not hashed twice) and verb-specific facts (`extra`: a dataset's config, a merge's method,
+    train's settings; it cannot hide the four above). atomic_output_dir writes it, the one writer of
+    lrtool.json; a verb fills `inputs` and `extra` while it works."""
+
+    command: list[str]
+    seed: int | None = None
+    inputs: list | dict = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def write(self, directory: str | Path) -> Path:
+        hashes = (
+            dict(self.inputs)
+            if isinstance(self.inputs, dict)
+            else {str(p): sha256_path(p) for p in self.inputs}
+        )
+        content = {
+            **self.extra,
+            "lrtool": __version__,
+            "command": self.command,
+            "seed": self.seed,
+            "inputs": hashes,
+        }
+        target = Path(directory) / MANIFEST
+        target.write_text(dumps_report(content), encoding="utf-8")
+        return target
 
 
 # Errors that mean "the output could not be written" (a full disk, a quota, a read-only file system).
@@ -275,9 +307,14 @@ def writing(path: str | Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_output_dir(
-    path: str | Path, force: bool = False, enabled: bool = True, inputs: Iterable[str | Path] = ()
+    path: str | Path,
+    force: bool = False,
+    enabled: bool = True,
+    inputs: Iterable[str | Path] = (),
+    manifest: Manifest | None = None,
 ) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it is renamed to `path`, on failure removed.
+    """Yield a temporary sibling directory; on success it gets `manifest` as lrtool.json and is renamed to
+    `path`; on failure it is removed.
 
     With `force`, an existing `path` is replaced only once the new output is complete. `enabled=False`
     (the processes of a distributed run that do not write) yields `path` itself and touches nothing.
@@ -295,6 +332,8 @@ def atomic_output_dir(
     try:
         with writing(path):
             yield tmp
+            if manifest is not None:
+                manifest.write(tmp)
             _share(tmp)
             _replace(tmp, path, force)
     except BaseException:
@@ -376,25 +415,3 @@ def write_jsonl(records: Iterable[dict], handle) -> int:
         handle.write("\n")
         count += 1
     return count
-
-
-def write_manifest(
-    directory: str | Path, command: list[str], seed: int | None, inputs=(), extra: dict | None = None
-) -> Path:
-    """Write lrtool.json into an output directory: version, command line, seed, sha256 of each input.
-
-    `inputs` are paths, or a mapping of path -> sha256 the caller already computed (large inputs are not
-    hashed twice). `extra` adds verb-specific facts (a dataset's config, a merge's method); it cannot hide
-    the four above.
-    """
-    hashes = dict(inputs) if isinstance(inputs, dict) else {str(p): sha256_path(p) for p in inputs}
-    manifest = {
-        **(extra or {}),
-        "lrtool": __version__,
-        "command": command,
-        "seed": seed,
-        "inputs": hashes,
-    }
-    target = Path(directory) / MANIFEST
-    target.write_text(dumps_report(manifest), encoding="utf-8")
-    return target

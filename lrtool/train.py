@@ -367,7 +367,6 @@ def train(
     settings: TrainSettings,
     out: Path,
     *,
-    command: list[str],
     resume: bool = False,
     on_progress: Callable[[int, int, dict], None] | None = None,
     on_step: Callable[[int], None] | None = None,
@@ -533,7 +532,7 @@ def train(
         model=model,
     )
     if dist.is_main:
-        _write_output(out, model, tokenizer, s, encoded, log_lines, result, command)
+        _write_output(out, model, tokenizer, s, encoded, log_lines, result)
     if dist.world_size > 1:
         torch.distributed.barrier()
     return result
@@ -646,7 +645,7 @@ def _truncate(encoded, origins: list[str], max_length: int, warn: bool = True):
 # ---------------------------------------------------------------------------------------------- output
 
 
-def _write_output(out: Path, model, tokenizer, s: TrainSettings, encoded, log_lines, result, command):
+def _write_output(out: Path, model, tokenizer, s: TrainSettings, encoded, log_lines, result):
     if s.full:
         seen = {i for ids, _ in encoded for i in ids}
         if tiny_preset(s.base):
@@ -660,8 +659,6 @@ def _write_output(out: Path, model, tokenizer, s: TrainSettings, encoded, log_li
         _sort_sets(out / "adapter_config.json")
     with open(out / "train_log.jsonl", "w", encoding="utf-8") as handle:
         io.write_jsonl(log_lines + [{"final": result.summary()}], handle)
-    inputs = list(s.data) + list(s.vocab_from) + ([s.base] if Path(s.base).exists() else [])
-    io.write_manifest(out, command, s.seed, inputs=inputs, extra={"settings": asdict(s)})
 
 
 def _sort_sets(config_file: Path) -> None:

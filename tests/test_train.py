@@ -132,7 +132,7 @@ def test_a_lora_learns_its_facts_until_accuracy_and_loads_in_peft_with_the_train
         check_every=10,
         seed=1,
     )
-    result = train(settings, tmp_path / "hop1", command=["test"])
+    result = train(settings, tmp_path / "hop1")
     assert result.reached and result.accuracy >= 0.95
 
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "hop1").eval()
