@@ -207,8 +207,7 @@ class AdapterEngine:
             ]
         self._plan: Plan | None = None
         self._slots: torch.Tensor | slice | None = None
-        self._row_adapters: torch.Tensor | None = None  # the kernels' path: each row's adapter (or -1)
-        self._present: dict[str, torch.Tensor] = {}  # the kernels' path: per module, adapter -> slot or -1
+        self._kernel_rows: tuple[torch.Tensor, dict] | None = None  # the kernels' path (_rows_for_kernels)
         self._hooks = [modules[name].register_forward_hook(self._hook(name)) for name in sorted(self.factors)]
 
     def _hook(self, name: str):
@@ -246,18 +245,18 @@ class AdapterEngine:
     def _apply_kernels(self, name: str, plan: Plan, x: torch.Tensor, y: torch.Tensor) -> None:
         """The kernels' path: every row of a single adapter in one lora_apply call (k = 1), each router's
         rows in one more (its top-k); any other part computes itself."""
-        from lrtool.kernels.lora_apply import lora_apply
+        from lrtool.kernels.lora_apply import TokenMap, lora_apply
 
         A_all, B_all = self.stacks[name]
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         per_row = flat_x.shape[0] // plan.batch_size
-        if self._row_adapters is not None:
-            present = self._present.get(name)
-            if present is None:  # adapter -> its slot, or -1 where it lacks this module (and for -1 itself)
-                present = [i if f is not None else -1 for i, f in enumerate(self.factors[name])] + [-1]
-                present = self._present[name] = torch.tensor(present, device=x.device)
-            indices = present[self._row_adapters].repeat_interleave(per_row)[:, None]
-            lora_apply(flat_x, flat_y, A_all, B_all, indices)
+        if self._kernel_rows is not None:
+            # One token map per plan and row length, shared by every layer (an adapter lacking this module
+            # has a zero slot: its rows cost a padded rank's work here rather than a map per module).
+            rows, maps = self._kernel_rows
+            if per_row not in maps:
+                maps[per_row] = TokenMap.build(rows.repeat_interleave(per_row)[:, None], A_all.shape[0])
+            lora_apply(flat_x, flat_y, A_all, B_all, maps[per_row])
         for segment in plan.segments:
             rows = slice(segment.start * per_row, segment.stop * per_row)
             if isinstance(segment.part, TokenRouter):
@@ -271,16 +270,21 @@ class AdapterEngine:
     @contextlib.contextmanager
     def routing(self, plan: Plan | None) -> Iterator[None]:
         """Apply `plan` to the forward passes inside the block (None: the base alone)."""
-        previous = self._plan, self._slots, self._row_adapters
-        self._plan, self._slots, self._row_adapters = plan, self._stacked_slots(plan), self._kernel_rows(plan)
+        previous = self._plan, self._slots, self._kernel_rows
+        self._plan, self._slots, self._kernel_rows = (
+            plan,
+            self._stacked_slots(plan),
+            self._rows_for_kernels(plan),
+        )
         try:
             yield
         finally:
-            self._plan, self._slots, self._row_adapters = previous
+            self._plan, self._slots, self._kernel_rows = previous
 
-    def _kernel_rows(self, plan: Plan | None) -> torch.Tensor | None:
-        """For the kernels' path: each row's adapter index, -1 for rows of the base or of other parts; None
-        when no row has a single adapter or kernels do not run on the factors' device."""
+    def _rows_for_kernels(self, plan: Plan | None) -> tuple[torch.Tensor, dict] | None:
+        """For the kernels' path: each row's adapter index (-1 for rows of the base or of other parts) and
+        an empty cache of token maps; None when no row has a single adapter or kernels do not run on the
+        factors' device."""
         if plan is None or not self.stacks or not any(isinstance(s.part, OneAdapter) for s in plan.segments):
             return None
         device = next(iter(self.stacks.values()))[0].device
@@ -290,7 +294,7 @@ class AdapterEngine:
         for segment in plan.segments:
             if isinstance(segment.part, OneAdapter):
                 rows[segment.start : segment.stop] = [segment.part.index] * (segment.stop - segment.start)
-        return torch.tensor(rows, device=device)
+        return torch.tensor(rows, device=device), {}
 
     def _stacked_slots(self, plan: Plan | None) -> torch.Tensor | slice | None:
         """How the stacks are indexed for `plan`'s batched path: a slice when its adapters are consecutive

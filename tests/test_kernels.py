@@ -238,7 +238,8 @@ MERGE_DTYPES = [torch.float64, *DTYPES]
 def test_dense_merge_writes_what_the_reference_computes(device, kernels, method, dtype, into_base):
     dense_merge = kernels["dense_merge"]
     deltas, weights, keys, base = merge_inputs(dtype, device, seed=len(method))
-    base = base.to(torch.float16 if dtype != torch.float64 else torch.float32).T if into_base else None
+    # a bfloat16 base takes float64 and float32 results (cast through float32, as torch does)
+    base = base.to(torch.float16 if dtype == torch.float16 else torch.bfloat16).T if into_base else None
     rule = dense_merge.keep_rule(deltas, method, 0.3, keys)
     expected, expected_sums = dense_merge.merge_reference(deltas, weights, rule, base=base, sums=True)
     out = torch.full_like(expected, float("nan"))

@@ -5,8 +5,9 @@ Reads deltas [N, out, in] (dW_i = s_i B_i A_i, unweighted, zeros where adapter i
 weight per adapter, what each adapter keeps (`Keep`, decided before the pass) and optionally the base weight
 [out, in] (any strides: a transposed view serves fan_in_fan_out bases). Writes the result [out, in] once:
 the update (in the deltas' dtype) or, with a base, base + update cast to the base's dtype. With `sums`, also
-returns float sums of squares [4]: ||update||^2, ||update - linear||^2, ||linear||^2 and, with a base,
-||(base + update) - written||^2 (what the cast lost), where linear = sum_i w_i dW_i.
+returns float sums of squares [4]: ||update||^2, ||update - linear||^2, ||linear||^2 and ||result -
+written||^2 (what the cast to the output's dtype lost), where linear = sum_i w_i dW_i and result is the
+update, or base + update.
 
 The methods, as lrtool/merge/ defines them (mergekit's conventions):
 
@@ -187,14 +188,14 @@ def merge_reference(
         update = torch.zeros((rows, columns), dtype=accumulator, device=deltas.device)
         for value in weighted:
             update += value
-    exact_sum = update if base is None else base.to(accumulator) + update
-    out.copy_(exact_sum)
+    result = update if base is None else base.to(accumulator) + update
+    out.copy_(result)
     if not sums:
         return out, None
     linear = torch.zeros_like(update)
     for i in range(count):
         linear += w[i] * deltas[i].to(accumulator)
-    lost = exact_sum - out.to(accumulator) if base is not None else torch.zeros_like(update)
+    lost = result - out.to(accumulator)
     squares = [
         update.square().sum(),
         (update - linear).square().sum(),
@@ -280,19 +281,17 @@ if triton is not None:
             update = tl.where(update >= 0, positive / positive_weight, negative / negative_weight)
         row = position // columns
         column = position % columns
-        lost = tl.zeros([BLOCK], dtype=acc_type)
+        result = update
         if INTO_BASE:
             base = tl.load(base_ptr + row * base_stride0 + column * base_stride1, mask=inside, other=0.0)
-            exact_sum = base.to(acc_type) + update
-            written = exact_sum.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + row * out_stride0 + column * out_stride1, written, mask=inside)
-            lost = exact_sum - written.to(acc_type)
-        else:
-            tl.store(
-                out_ptr + row * out_stride0 + column * out_stride1,
-                update.to(out_ptr.dtype.element_ty),
-                mask=inside,
-            )
+            result = base.to(acc_type) + update
+        out_type = out_ptr.dtype.element_ty
+        if out_type == tl.float64:
+            written = result.to(out_type)
+        else:  # as torch casts float64: through float32 (the same bits; float64 -> bfloat16 directly differs)
+            written = result.to(tl.float32).to(out_type)
+        tl.store(out_ptr + row * out_stride0 + column * out_stride1, written, mask=inside)
+        lost = result - written.to(acc_type)  # what the cast lost (the receipt's error, into a base)
         if WITH_SUMS:
             sums = sums_ptr + program * 4
             tl.store(sums, tl.sum(update * update))

@@ -10,8 +10,8 @@ rows with no adapter are not written.
 One adapter per row (eval's systems) is k = 1 with weights None; a router's top-k mix is k > 1.
 
 Kernel: per slot j, the tokens are sorted by adapter (a stable argsort of indices[:, j]), with each adapter's
-count and start (scatter-add and cumulative sum: the layout of vLLM's LoRAKernelMeta, built with no host
-sync). Then two kinds of launch:
+count and start (`TokenMap`: scatter-add and cumulative sum, the layout of vLLM's LoRAKernelMeta, built with
+no host sync, once per batch when layers share it). Then two kinds of launch:
 - shrink, one launch for all slots: grid (token blocks x rank blocks, E, k); program (m, e, j) gathers the
   m-th block of the tokens of slot j that use adapter e and writes h[j, t] = weights[t, j] * x[t] @ A_all[e]
   (float32) for them only; a program past its adapter's count returns at once.
@@ -25,6 +25,8 @@ FLOPs and factor reads in both launches; with ranks 8 and 64 mixed, the rank-8 t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrtool.kernels import dispatch
@@ -36,15 +38,45 @@ except ImportError:  # the CPU install: the reference only
     triton = None
 
 
+@dataclass(frozen=True)
+class TokenMap:
+    """Which adapters each token uses, with the tokens sorted by adapter for the kernels (vLLM's
+    LoRAKernelMeta): built once per batch and reused by every layer that routes the same way.
+
+    order [k, n]: per slot, the token indices sorted by adapter (stable; tokens without one, -1, first);
+    counts, starts [k, E]: how many tokens of slot j use adapter e and where they start in order[j]. Built
+    with scatter-add and a cumulative sum, no host sync: the kernels' grids do not depend on the counts."""
+
+    indices: torch.Tensor  # [n, k]
+    order: torch.Tensor
+    counts: torch.Tensor
+    starts: torch.Tensor
+
+    @classmethod
+    def build(cls, indices: torch.Tensor, adapters: int) -> TokenMap:
+        """The map of indices [n, k] (values in -1 .. adapters - 1)."""
+        slots = indices.T.to(torch.int64)  # [k, n]
+        order = torch.argsort(slots, dim=1, stable=True)
+        counts = torch.zeros(slots.shape[0], adapters + 1, dtype=torch.int64, device=indices.device)
+        counts.scatter_add_(1, slots + 1, torch.ones_like(slots))  # column 0: no adapter
+        starts = torch.cumsum(counts, dim=1) - counts
+        return cls(indices, order.contiguous(), counts[:, 1:].contiguous(), starts[:, 1:].contiguous())
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.indices.shape
+
+
 def lora_apply(
     x: torch.Tensor,
     y: torch.Tensor,
     A_all: torch.Tensor,
     B_all: torch.Tensor,
-    indices: torch.Tensor,
+    indices: torch.Tensor | TokenMap,
     weights: torch.Tensor | None = None,
 ) -> None:
-    """y += the chosen adapters' contributions (see the module's docstring): the kernel on CUDA."""
+    """y += the chosen adapters' contributions (see the module's docstring): the kernel on CUDA. `indices`
+    may be a TokenMap already built for A_all.shape[0] adapters (e.g. shared by all layers of a forward)."""
     dispatch.run("lora_apply", apply_triton, apply_reference, x, y, A_all, B_all, indices, weights)
 
 
@@ -56,6 +88,10 @@ def _check(x, y, A_all, B_all, indices, weights) -> None:
         raise ValueError(f"A_all {list(A_all.shape)} and B_all {list(B_all.shape)} do not map x to y")
     if weights is not None and weights.shape != indices.shape:
         raise ValueError(f"weights {list(weights.shape)} and indices {list(indices.shape)} differ")
+    if isinstance(indices, TokenMap) and indices.counts.shape[1] != A_all.shape[0]:
+        raise ValueError(
+            f"the token map is for {indices.counts.shape[1]} adapters, A_all has {A_all.shape[0]}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -65,6 +101,8 @@ def _check(x, y, A_all, B_all, indices, weights) -> None:
 def apply_reference(x, y, A_all, B_all, indices, weights=None) -> None:
     """Per slot, each chosen adapter's tokens in two small matmuls (the engine's add_top_k, on stacks)."""
     _check(x, y, A_all, B_all, indices, weights)
+    if isinstance(indices, TokenMap):
+        indices = indices.indices
     for j in range(indices.shape[1]):
         column = indices[:, j]
         order = torch.argsort(column, stable=True)
@@ -83,20 +121,6 @@ def apply_reference(x, y, A_all, B_all, indices, weights=None) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # The kernel (Triton)
-
-
-def sorted_by_adapter(
-    indices: torch.Tensor, adapters: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(order [k, n], counts [k, E], starts [k, E]): per slot, the tokens sorted by adapter (stable; the
-    tokens without one, index -1, first), and where each adapter's tokens start in that order. No host
-    sync: the launch grids do not depend on the counts."""
-    slots = indices.T.to(torch.int64)  # [k, n]
-    order = torch.argsort(slots, dim=1, stable=True)
-    counts = torch.zeros(slots.shape[0], adapters + 1, dtype=torch.int64, device=indices.device)
-    counts.scatter_add_(1, slots + 1, torch.ones_like(slots))  # column 0: no adapter
-    starts = torch.cumsum(counts, dim=1) - counts
-    return order.contiguous(), counts[:, 1:].contiguous(), starts[:, 1:].contiguous()
 
 
 if triton is not None:
@@ -242,7 +266,8 @@ def apply_triton(x, y, A_all, B_all, indices, weights=None, h: torch.Tensor | No
         return
     if h is None:
         h = torch.empty(k, n, rank, dtype=torch.float32, device=x.device)
-    order, counts, starts = sorted_by_adapter(indices, adapters)
+    token_map = indices if isinstance(indices, TokenMap) else TokenMap.build(indices, adapters)
+    order, counts, starts = token_map.order, token_map.counts, token_map.starts
     # float32 inputs multiply in full precision, as torch's matmul does by default (TF32 would cost ~1e-3)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     block_t = _block(n, 16, 64)
