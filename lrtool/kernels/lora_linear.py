@@ -319,6 +319,7 @@ def _fused_forward(layer, peft_forward, x, *args, **kwargs):
         and layer.active_adapters[0] not in getattr(layer, "lora_variant", {})
         and not layer.base_layer.weight.requires_grad
         and (layer.base_layer.bias is None or not layer.base_layer.bias.requires_grad)
+        and layer.lora_A[layer.active_adapters[0]].weight.dtype in COMPUTE_TYPES
         and dispatch.wanted(x)
     )
     if not plain:

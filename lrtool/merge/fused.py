@@ -16,17 +16,20 @@ import torch
 
 from lrtool.errors import InputError
 from lrtool.kernels import dispatch
-from lrtool.kernels.dense_merge import METHODS
 from lrtool.merge.base import MergePlan, ModuleInputs, Update, overflow_message, relative
 
 
 def device_for(plan: MergePlan, into_base: bool) -> torch.device | None:
     """The device the fused kernel merges `plan` on; None when the method's own file computes it. linear
     goes through the kernel only into a base: stored as an adapter it is factored, with no dense pass."""
-    name = plan.method.name
-    if name not in METHODS or (name == "linear" and not into_base):
+    if plan.method.name == "linear" and not into_base:
         return None
-    return dispatch.kernel_device()
+    device = dispatch.kernel_device()
+    if device is None:  # (the kernel module, which imports Triton, is not imported on the CPU path)
+        return None
+    from lrtool.kernels.dense_merge import METHODS
+
+    return device if plan.method.name in METHODS else None
 
 
 def stacked_updates(inputs: ModuleInputs, device: torch.device) -> torch.Tensor:
