@@ -318,7 +318,7 @@ class Bench:
         for shape, length in (("decode", 1), ("prefill", 4 if self.dry else 32)):
             ids = torch.randint(0, 1024, (64, length), device=self.device)
             ours = self.seconds(functools.partial(forward, ids, mixed, mode), 10)
-            what = f"eval engine, 2 layers 7B-wide, 8 adapters r16, batch 64 {shape} ({64 * length} tokens)"
+            what = f"engine, 2 layers {hidden} wide, 8 adapters r16, batch 64 {shape} ({64 * length} tokens)"
             self.timing(
                 f"{what}: vs a loop over adapters", ours, self.seconds(functools.partial(loop, ids), 10), 4.0
             )
@@ -438,7 +438,7 @@ class Bench:
             "## Ceilings",
             "",
             f"- device-to-device copy: {copy / 1e9:.1f} GB/s (bytes read + written)",
-            f"- bfloat16 matmul: {flops / 1e12:.1f} TFLOP/s",
+            f"- bfloat16 matmul: {flops / 1e12:.3g} TFLOP/s",
             "",
             "## Timings",
             "",
