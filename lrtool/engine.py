@@ -17,6 +17,10 @@ When every segment holds one adapter (or none) and all have as many rows, as eva
 systems do, the factors stacked per module (ranks zero-padded) serve all segments in two batched matmuls.
 Per-token routing sorts the (token, slot) pairs by adapter and computes only the adapters chosen, so its cost
 grows with top-k, not with the number of adapters.
+
+Where kernels run (CUDA; lrtool.kernels.dispatch), the hooks hand the same work to the multi-adapter kernels
+of lrtool.kernels.lora_apply instead: all rows of single adapters in one shrink and one expand launch per
+layer, each router's rows in one shrink and k expand launches, on the same stacked factors.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 
 from lrtool.adapters import Adapter, all_finite
 from lrtool.errors import IncompatibleError
+from lrtool.kernels import dispatch
 
 
 @dataclass(eq=False)
@@ -207,6 +212,7 @@ class AdapterEngine:
             ]
         self._plan: Plan | None = None
         self._slots: torch.Tensor | slice | None = None
+        self._kernel_rows: tuple[torch.Tensor, dict] | None = None  # the kernels' path (_rows_for_kernels)
         self._hooks = [modules[name].register_forward_hook(self._hook(name)) for name in sorted(self.factors)]
 
     def _hook(self, name: str):
@@ -221,6 +227,9 @@ class AdapterEngine:
                 )
             if not output.is_contiguous():
                 output = output.contiguous()
+            if dispatch.wanted(x):  # CUDA: the multi-adapter kernels (lrtool.kernels.lora_apply)
+                self._apply_kernels(name, plan, x, output)
+                return output
             if self._slots is not None:  # equal segments of single adapters: one batched matmul for all
                 A_all, B_all = self.stacks[name]
                 segments = len(plan.segments)
@@ -238,15 +247,59 @@ class AdapterEngine:
 
         return hook
 
+    def _apply_kernels(self, name: str, plan: Plan, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The kernels' path: every row of a single adapter in one lora_apply call (k = 1), each router's
+        rows in one more (its top-k); any other part computes itself."""
+        from lrtool.kernels.lora_apply import TokenMap, lora_apply
+
+        A_all, B_all = self.stacks[name]
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        per_row = flat_x.shape[0] // plan.batch_size
+        if self._kernel_rows is not None:
+            # One token map per plan and row length, shared by every layer (an adapter lacking this module
+            # has a zero slot: its rows cost a padded rank's work here rather than a map per module).
+            rows, maps = self._kernel_rows
+            if per_row not in maps:
+                maps[per_row] = TokenMap.build(rows.repeat_interleave(per_row)[:, None], A_all.shape[0])
+            lora_apply(flat_x, flat_y, A_all, B_all, maps[per_row])
+        for segment in plan.segments:
+            rows = slice(segment.start * per_row, segment.stop * per_row)
+            if isinstance(segment.part, TokenRouter):
+                indices, weights = segment.part.weights(name, flat_x[rows])
+                lora_apply(flat_x[rows], flat_y[rows], A_all, B_all, indices, weights)
+            elif segment.part is not None and not isinstance(segment.part, OneAdapter):
+                segment.part.apply(
+                    self, name, x[segment.start : segment.stop], y[segment.start : segment.stop]
+                )
+
     @contextlib.contextmanager
     def routing(self, plan: Plan | None) -> Iterator[None]:
         """Apply `plan` to the forward passes inside the block (None: the base alone)."""
-        previous = self._plan, self._slots
-        self._plan, self._slots = plan, self._stacked_slots(plan)
+        previous = self._plan, self._slots, self._kernel_rows
+        self._plan, self._slots, self._kernel_rows = (
+            plan,
+            self._stacked_slots(plan),
+            self._rows_for_kernels(plan),
+        )
         try:
             yield
         finally:
-            self._plan, self._slots = previous
+            self._plan, self._slots, self._kernel_rows = previous
+
+    def _rows_for_kernels(self, plan: Plan | None) -> tuple[torch.Tensor, dict] | None:
+        """For the kernels' path: each row's adapter index (-1 for rows of the base or of other parts) and
+        an empty cache of token maps; None when no row has a single adapter or kernels do not run on the
+        factors' device."""
+        if plan is None or not self.stacks or not any(isinstance(s.part, OneAdapter) for s in plan.segments):
+            return None
+        device = next(iter(self.stacks.values()))[0].device
+        if not dispatch.wanted(device):
+            return None
+        rows = [-1] * plan.batch_size
+        for segment in plan.segments:
+            if isinstance(segment.part, OneAdapter):
+                rows[segment.start : segment.stop] = [segment.part.index] * (segment.stop - segment.start)
+        return torch.tensor(rows, device=device), {}
 
     def _stacked_slots(self, plan: Plan | None) -> torch.Tensor | slice | None:
         """How the stacks are indexed for `plan`'s batched path: a slice when its adapters are consecutive

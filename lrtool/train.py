@@ -26,6 +26,7 @@ from pathlib import Path
 from lrtool import io
 from lrtool.errors import DivergedError, InputError, QualityGateError, UsageError, one_line
 from lrtool.formatting import IGNORE, collate, encode_example, word_ids
+from lrtool.kernels import dispatch
 from lrtool.models import load_base, texts_of, tiny_preset
 
 log = logging.getLogger(__name__)
@@ -406,6 +407,10 @@ def train(
     if not s.full:
         model = wrap_with_peft(model, s, token_ids)
     model.to(device)
+    if not s.full and s.rank > 0 and dispatch.wanted(device):  # CUDA: the fused LoRA linear kernels
+        from lrtool.kernels.lora_linear import fuse_peft_layers
+
+        log.info("LoRA layers through the fused kernels: %d", fuse_peft_layers(model))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=s.lr, weight_decay=s.weight_decay)

@@ -1,5 +1,6 @@
 """Shared test setup: cap torch's threads (tests run serially on 2 cores) and keep everything offline."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -13,6 +14,10 @@ os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("LRTOOL_DEBUG", None)
+# Without a GPU, Triton's interpreter runs the kernels (tests/test_kernels.py). It is chosen when triton is
+# first imported, which importing transformers or peft already does: so here, before any test module.
+if not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 

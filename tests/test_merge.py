@@ -97,11 +97,24 @@ def ref_ties_mean(tensors, weights):
     return result
 
 
+def ref_lowbias32(x):
+    """Wellons' lowbias32 on numpy uint32 words (multiplication wraps modulo 2^32)."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
 def ref_drop(delta, density, seed, module, index):
-    """DARE's keep mask, seeded as dare_linear.py documents."""
+    """DARE's keep mask as dare_linear.py documents it: the key is the start of a sha256 digest, an entry at
+    row-major position p (< 2^32 here) is kept where lowbias32(lowbias32(p ^ k0) ^ k1) < round(D * 2^32)."""
     digest = hashlib.sha256(f"lrtool-dare\0{seed}\0{module}\0{index}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float64).numpy() < density
+    k0, k1 = (np.uint32(int.from_bytes(digest[i : i + 4], "little")) for i in (0, 4))
+    positions = np.arange(delta.size, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        words = ref_lowbias32(ref_lowbias32(positions ^ k0) ^ k1)
+    keep = (words.astype(np.uint64) < round(density * 2**32)).reshape(delta.shape)
     return np.where(keep, delta / density, 0.0)
 
 

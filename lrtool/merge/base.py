@@ -307,7 +307,13 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
 
     def exact(self, name: str) -> Update:
-        """The method's exact result for module `name`, in float64."""
+        """The method's exact result for module `name`, in float64 (by the fused kernel where kernels run:
+        lrtool/merge/fused.py)."""
+        from lrtool.merge import fused
+
+        device = fused.device_for(self, into_base=False)
+        if device is not None:
+            return fused.exact(self, name, device)
         return self.method.compute(self.inputs[name], self.settings)
 
     def storage_rank(self, inputs: ModuleInputs, update: Update) -> int | None:

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from lrtool.adapters import PICKLE_SUFFIXES, all_finite
 from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError, one_line
+from lrtool.merge import fused
 from lrtool.merge.base import MergePlan, overflow_message, relative
 
 # The files of a model directory that are neither weights nor ours, copied as they are.
@@ -248,6 +249,10 @@ class BaseModel:
         temporaries are freed as soon as possible: the peak is about three float64 copies of one weight."""
         if not all_finite(weight):
             raise InputError(f"{shard}: '{name}.weight' has non-finite values (NaN or inf)")
+        device = fused.device_for(plan, into_base=True)
+        if device is not None:  # the fused kernel: update, add and cast in one pass
+            merged, rows[name] = fused.into_base(plan, name, weight, device)
+            return merged
         exact = plan.exact(name)
         row = {"from_linear": plan.from_linear(plan.inputs[name], exact), "norm": exact.norm()}
         exact_sum = weight.to(torch.float64, copy=True)
