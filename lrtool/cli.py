@@ -939,7 +939,7 @@ def _diagnose_table(report: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from lrtool.diagnose import summary_rows
+    from lrtool.diagnose import pair_order, summary_rows
 
     def number(value) -> str:
         return "-" if value is None else str(value) if isinstance(value, int) else f"{value:.3g}"
@@ -965,12 +965,10 @@ def _diagnose_table(report: dict) -> None:
         for column in ("a", "b", "cosine", "overlap c/r", "signs differ", "factor-avg error"):
             pairs.add_column(column, justify="right", max_width=10)
         pairs.add_column("verdict", ratio=1)
-        count = len(report["adapters"])
-        numbers = [(i, j) for i in range(1, count + 1) for j in range(i + 1, count + 1)]  # diagnose's order
-        for (i, j), pair in zip(numbers, report["pairs"]):
+        for (i, j), pair in zip(pair_order(len(report["adapters"])), report["pairs"]):
             pairs.add_row(
-                str(i),
-                str(j),
+                str(i + 1),
+                str(j + 1),
                 number(pair["cosine"]),
                 f"{number(pair['column_overlap'])}/{number(pair['row_overlap'])}",
                 number(pair["sign_conflict"]),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import kohya_tensors, peft_layers, randomise_lora, tiny_llama
 from lrtool.adapters import (
     Adapter,
     LoraModule,
@@ -24,44 +25,6 @@ torch.set_num_threads(1)
 
 LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 Q0 = "model.layers.0.self_attn.q_proj"
-
-
-def tiny_llama():
-    """A fresh tiny Llama, with the same weights on every call. Three layers give 21 LoRA targets, past the
-    20 at which peft condenses a target_modules list into suffixes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def randomise_lora(model, seed: int = 1):
-    """Give every LoRA factor seeded random values (peft starts B at zero, which would hide scale errors)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return model
-
-
-def peft_layers(model) -> dict:
-    """{module path: peft's LoRA layer} of a PeftModel."""
-    from peft.tuners.lora import LoraLayer
-
-    return {
-        name.removeprefix("base_model.model."): layer
-        for name, layer in model.named_modules()
-        if isinstance(layer, LoraLayer)
-    }
 
 
 def peft_deltas(model) -> dict[str, torch.Tensor]:
@@ -330,16 +293,6 @@ def test_fan_in_fan_out_is_kept_and_written_back(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 # kohya and diffusers
-
-
-def kohya_tensors(adapter: Adapter, rename=lambda name: name, alpha: bool = True) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name, module in adapter.modules.items():
-        tensors[f"{rename(name)}.lora_down.weight"] = module.A
-        tensors[f"{rename(name)}.lora_up.weight"] = module.B
-        if alpha:
-            tensors[f"{rename(name)}.alpha"] = torch.tensor(module.scale * module.rank)
-    return tensors
 
 
 def test_kohya_file_applies_as_its_peft_twin(loaded, tmp_path):

@@ -4,21 +4,21 @@ alone in peft would; generation and log-likelihoods equal plain transformers loo
 import pytest
 import torch
 
-from helpers import peft_model, save_random_peft_adapter, save_tiny_llama
+from helpers import (
+    LORAS,
+    TEXTS,
+    FixedRouter,
+    peft_model,
+    random_ids,
+    save_random_peft_adapter,
+    save_tiny_llama,
+)
 from lrtool.adapters import Adapter, LoraModule, load_adapter
 from lrtool.decoding import continuation_logliks, greedy
-from lrtool.engine import AdapterEngine, OneAdapter, Plan, TokenRouter
+from lrtool.engine import AdapterEngine, OneAdapter, Plan
 from lrtool.errors import IncompatibleError
 
 torch.set_num_threads(1)
-
-TEXTS = ["alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma"]
-# Different ranks, alphas, rsLoRA and target sets, so that one batch mixes all of them.
-LORAS = [
-    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    dict(r=8, lora_alpha=3, use_rslora=True, target_modules="all-linear"),
-    dict(r=2, lora_alpha=5, target_modules=["o_proj", "down_proj"], rank_pattern={"down_proj": 3}),
-]
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,6 @@ def adapter_dirs(base_dir):
         save_random_peft_adapter(base_dir, base_dir.parent / f"a{i}", seed=i + 1, **config)
         for i, config in enumerate(LORAS)
     ]
-
-
-def random_ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(4, 60, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
 def test_a_mixed_batch_gives_each_row_the_logits_of_its_adapter_applied_alone_by_peft(base_dir, adapter_dirs):
@@ -67,16 +63,6 @@ def test_without_a_plan_or_after_close_the_model_is_the_base(base_dir, adapter_d
         after = model(input_ids=ids).logits
     assert torch.equal(before, unplanned) and torch.equal(before, after)
     assert not torch.allclose(before, adapted)
-
-
-class FixedRouter(TokenRouter):
-    """Per token: the given adapter indices and weights (the same at every layer), for the dense check."""
-
-    def __init__(self, indices, weights):
-        self.indices, self.weights_ = indices, weights
-
-    def weights(self, module, x):
-        return self.indices, self.weights_
 
 
 def dense_routed_logits(model, adapters, ids, indices, weights):

@@ -423,9 +423,7 @@ def test_lrtool_train_routes_peft_layers_through_the_fused_function(device, kern
 def test_the_engine_gives_the_same_logits_through_the_kernels(device, kernels, monkeypatch, tmp_path):
     """Rows of single adapters, of the base and of a top-2 router in one batch: the kernels' path gives the
     logits of the engine's own (CPU) path."""
-    from test_engine import LORAS, TEXTS, FixedRouter, random_ids
-
-    from helpers import peft_model
+    from helpers import LORAS, TEXTS, FixedRouter, peft_model, random_ids
     from lrtool.adapters import load_adapter
     from lrtool.engine import AdapterEngine, OneAdapter, Plan
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_adapters import peft_layers, randomise_lora, tiny_llama
 
+from helpers import make_adapter_dirs, peft_layers, tiny_llama
 from lrtool.adapters import Adapter, LoraModule, load_adapter
 from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError, UsageError
 from lrtool.merge import REGISTRY, describe_methods, get, parse_weights, plan_merge
@@ -20,40 +20,9 @@ from lrtool.merge.base import rounded
 
 torch.set_num_threads(1)
 
-# Four adapters of one tiny Llama (hidden 32, 3 layers), every one different in rank, alpha, rsLoRA,
-# patterns and target modules; a1 and a4 have equal ranks per module (factor-avg needs that).
-ADAPTERS = {
-    "a1": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"v_proj": 2}),
-    "a2": dict(
-        r=8,
-        lora_alpha=4,
-        use_rslora=True,
-        target_modules=["q_proj", "k_proj", "down_proj"],
-        alpha_pattern={"k_proj": 16},
-    ),
-    "a3": dict(r=2, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "o_proj", "up_proj"]),
-    "a4": dict(
-        r=4,
-        lora_alpha=3,
-        use_rslora=True,
-        target_modules=["q_proj", "v_proj", "gate_proj"],
-        rank_pattern={"v_proj": 2},
-    ),
-}
 WEIGHTS = (0.7, 0.4, -0.5)
 FULL = 64  # a rank at least every module's min(out, in): dense results are stored exactly
 PROPERTY = settings(max_examples=20, deadline=None)
-
-
-def make_adapter_dirs(root) -> dict:
-    from peft import LoraConfig, get_peft_model
-
-    paths = {}
-    for seed, (name, config) in enumerate(ADAPTERS.items(), start=1):
-        model = get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", **config))
-        randomise_lora(model, seed).save_pretrained(root / name)
-        paths[name] = root / name
-    return paths
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_adapters import kohya_tensors, tiny_llama
-from test_merge import make_adapter_dirs
 
 from conftest import REPO
+from helpers import kohya_tensors, make_adapter_dirs, tiny_llama
 from lrtool.adapters import Adapter, LoraModule, load_adapter, save_adapter
 from lrtool.io import sha256_path
 from lrtool.merge import REGISTRY

@@ -26,6 +26,18 @@ def task_module(task: str):
     return importlib.import_module(TASKS[task])
 
 
+def check_request(splits: tuple[str, ...], split: str, templates: str) -> None:
+    """Refuse an unknown split or template set, and held-out templates for pretrain (which has none)."""
+    from lrtool.errors import UsageError
+
+    if split not in splits:
+        raise UsageError(f"unknown split {split!r}; choose one of {', '.join(splits)}")
+    if templates not in TEMPLATE_SETS:
+        raise UsageError(f"unknown template set {templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
+    if split == "pretrain" and templates != "train":
+        raise UsageError("the pretrain split uses the training templates only (drop --templates eval)")
+
+
 def record(prompt: str, answer: str, meta: dict) -> dict:
     """One dataset line. `answer` is what a model must produce after `prompt` and one space."""
     return {"prompt": prompt, "answer": answer, "meta": meta}

@@ -27,7 +27,7 @@ import random
 import re
 from dataclasses import asdict, dataclass, fields
 
-from lrtool.data import TEMPLATE_SETS, record
+from lrtool.data import check_request, record
 from lrtool.errors import UsageError
 
 TASK = "math"
@@ -203,12 +203,7 @@ def _flag(field_name: str) -> str:
 
 def generate(config: Config, split: str, *, seed: int, templates: str = "train") -> list[dict]:
     """The records of one split of the world that (config, seed) defines."""
-    if split not in SPLITS:
-        raise UsageError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    if templates not in TEMPLATE_SETS:
-        raise UsageError(f"unknown template set {templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
-    if split == "pretrain" and templates != "train":
-        raise UsageError("the pretrain split uses the training templates only (drop --templates eval)")
+    check_request(SPLITS, split, templates)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise UsageError(f"--seed must be a whole number, got {seed!r}")
     config.validate()

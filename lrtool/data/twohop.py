@@ -24,7 +24,7 @@ the test questions; `pretrain` holds the familiar facts, the bridge statements a
 import random
 from dataclasses import asdict, dataclass, fields
 
-from lrtool.data import TEMPLATE_SETS, record
+from lrtool.data import check_request, record
 from lrtool.data.names import NamePool
 from lrtool.errors import UsageError
 
@@ -275,12 +275,7 @@ def _spread(items: list[str], count: int, rng: random.Random) -> list[str]:
 
 def generate(config: Config, split: str, *, seed: int, templates: str = "train") -> list[dict]:
     """The records of one split of the world that (config, seed) defines."""
-    if split not in SPLITS:
-        raise UsageError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    if templates not in TEMPLATE_SETS:
-        raise UsageError(f"unknown template set {templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
-    if split == "pretrain" and templates != "train":
-        raise UsageError("the pretrain split uses the training templates only (drop --templates eval)")
+    check_request(SPLITS, split, templates)
     world = build_world(config, seed)
     if split == "pretrain":
         return _pretrain(world, random.Random(seed + 1))

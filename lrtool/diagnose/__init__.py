@@ -12,7 +12,7 @@ This package imports no torch until `diagnose` runs: the CLI reads FINDINGS to b
 """
 
 from lrtool.diagnose.findings import FINDINGS, SEVERITIES, at_or_above, finding
-from lrtool.diagnose.render import check_plot_available, summary_rows, write_plot
+from lrtool.diagnose.render import check_plot_available, pair_order, summary_rows, write_plot
 
 __all__ = [
     "FINDINGS",
@@ -21,6 +21,7 @@ __all__ = [
     "check_plot_available",
     "diagnose",
     "finding",
+    "pair_order",
     "summary_rows",
     "write_plot",
 ]

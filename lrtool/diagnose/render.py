@@ -10,6 +10,12 @@ from lrtool import io
 from lrtool.errors import LrtoolError
 
 
+def pair_order(count: int) -> list[tuple[int, int]]:
+    """The pairs of `count` inputs (0-based indices) in the order the report lists them: (0, 1), (0, 2),
+    ..., (1, 2), ... One definition for the report, its table and its picture."""
+    return [(i, j) for i in range(count) for j in range(i + 1, count)]
+
+
 def summary_rows(report: dict) -> list[dict]:
     """One row per adapter for a table: its figures and its findings' codes, counted, worst first."""
     rows = []
@@ -75,15 +81,13 @@ def write_plot(report: dict, handle) -> None:
     if spectra.lines:
         spectra.legend(fontsize="small")
     if with_matrix:
-        # pairs come in the order (1, 2), (1, 3), ..., (2, 3), ...; the diagonal is 1 for a non-zero update.
+        # The diagonal is 1 for a non-zero update.
         matrix = [[math.nan] * len(adapters) for _ in adapters]
         for i, entry in enumerate(adapters):
             matrix[i][i] = 1.0 if entry["norm"] else math.nan
-        pairs = iter(report["pairs"])
-        for i in range(len(adapters)):
-            for j in range(i + 1, len(adapters)):
-                cosine = next(pairs)["cosine"]
-                matrix[i][j] = matrix[j][i] = math.nan if cosine is None else cosine
+        for (i, j), pair in zip(pair_order(len(adapters)), report["pairs"]):
+            cosine = pair["cosine"]
+            matrix[i][j] = matrix[j][i] = math.nan if cosine is None else cosine
         cosines = axes[0][1]
         image = cosines.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
         ticks = range(len(adapters))

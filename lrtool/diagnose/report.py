@@ -30,6 +30,7 @@ from lrtool.diagnose.findings import (
     ZERO_UPDATE_TOLERANCE,
 )
 from lrtool.diagnose.reading import AdapterInput, BaseWeights, check_base, read_adapter, rename_modules
+from lrtool.diagnose.render import pair_order
 from lrtool.errors import InputError, one_line
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def diagnose(paths: list[str], base: str | None = None) -> dict:
             name: _module_entry(item, name) for name in item.groups if {"A", "B"} & set(item.groups[name])
         }
 
-    pairs = [PairFigures(i, j) for i in range(len(inputs)) for j in range(i + 1, len(inputs))]
+    pairs = [PairFigures(i, j) for i, j in pair_order(len(inputs))]
     for name in sorted(set().union(*(item.lora for item in inputs))):
         spectra = {}
         for i, item in enumerate(inputs):

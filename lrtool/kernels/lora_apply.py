@@ -126,6 +126,16 @@ def apply_reference(x, y, A_all, B_all, indices, weights=None) -> None:
 if triton is not None:
 
     @triton.jit
+    def _adapter_tokens(order_ptr, counts_ptr, starts_ptr, slot, adapter, adapters, tokens, block_t, BLOCK_T):
+        """(how many tokens chose `adapter` in `slot`, the block_t-th BLOCK_T of them, which are real)."""
+        count = tl.load(counts_ptr + slot * adapters + adapter)
+        start = tl.load(starts_ptr + slot * adapters + adapter)
+        offsets = block_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        mine = offsets < count
+        token = tl.load(order_ptr + slot * tokens + start + offsets, mask=mine, other=0)
+        return count, token, mine
+
+    @triton.jit
     def _shrink_kernel(
         x_ptr,
         a_ptr,
@@ -158,13 +168,11 @@ if triton is not None:
         block_r = tl.program_id(0) % rank_blocks
         adapter = tl.program_id(1)
         slot = tl.program_id(2)
-        count = tl.load(counts_ptr + slot * adapters + adapter)
+        count, token, mine = _adapter_tokens(
+            order_ptr, counts_ptr, starts_ptr, slot, adapter, adapters, tokens, block_t, BLOCK_T
+        )
         if block_t * BLOCK_T >= count:
             return
-        start = tl.load(starts_ptr + slot * adapters + adapter)
-        offsets = block_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        mine = offsets < count
-        token = tl.load(order_ptr + slot * tokens + start + offsets, mask=mine, other=0)
         r = block_r * BLOCK_R + tl.arange(0, BLOCK_R)
         h = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
         a_base = a_ptr + adapter.to(tl.int64) * a_stride_e
@@ -221,13 +229,11 @@ if triton is not None:
         block_t = tl.program_id(0) // out_blocks
         block_o = tl.program_id(0) % out_blocks
         adapter = tl.program_id(1)
-        count = tl.load(counts_ptr + slot * adapters + adapter)
+        count, token, mine = _adapter_tokens(
+            order_ptr, counts_ptr, starts_ptr, slot, adapter, adapters, tokens, block_t, BLOCK_T
+        )
         if block_t * BLOCK_T >= count:
             return
-        start = tl.load(starts_ptr + slot * adapters + adapter)
-        offsets = block_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        mine = offsets < count
-        token = tl.load(order_ptr + slot * tokens + start + offsets, mask=mine, other=0)
         o = block_o * BLOCK_O + tl.arange(0, BLOCK_O)
         b_base = b_ptr + adapter.to(tl.int64) * b_stride_e
         acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
