@@ -21,7 +21,7 @@ from typing import Annotated
 import typer
 from typer._click import exceptions as click_exceptions  # typer >= 0.26 carries its own click
 
-from lrtool import __version__, io
+from lrtool import __version__, io, outputs
 from lrtool import train as training
 from lrtool.data import math as math_problems
 from lrtool.data import twohop
@@ -188,7 +188,7 @@ def _generate(task: str, config, split: str | None, templates: str, seed: int, o
         log.warning("warning: %s", warning)
     if split is not None:
         records = module.generate(config, split, seed=seed, templates=templates)
-        with io.atomic_output_file(out or io.STDIO, force) as handle:
+        with outputs.atomic_output_file(out or io.STDIO, force) as handle:
             io.write_jsonl(records, handle)
         if out not in (None, io.STDIO):
             print(out)
@@ -198,7 +198,7 @@ def _generate(task: str, config, split: str | None, templates: str, seed: int, o
     if templates != "train":
         raise UsageError("--templates applies to --split; -o DIR writes both template sets")
     manifest = io.Manifest(["lrtool", *SESSION.argv], seed)
-    with io.atomic_output_dir(out, force, manifest=manifest) as tmp:
+    with outputs.atomic_output_dir(out, force, manifest=manifest) as tmp:
         counts = write_dataset_dir(module, config, seed, tmp)
         manifest.extra = {"task": task, "config": counts["config"]}
     log.info("wrote %s", ", ".join(f"{name} ({n})" for name, n in counts["files"].items()))
@@ -590,7 +590,7 @@ def train(
     ).resolved()
     is_main = Distributed.from_env().is_main
     inputs = [*settings.data, *settings.vocab_from, settings.base]
-    io.check_output_free(out, force, inputs, directory=True)
+    outputs.check_output_free(out, force, inputs, directory=True)
     checkpoint = checkpoint_dir(Path(out))
     recover_checkpoint(checkpoint)
     if resume and not checkpoint.is_dir():
@@ -599,7 +599,7 @@ def train(
     manifest = io.Manifest(["lrtool", *SESSION.argv], settings.seed, existing, {"settings": asdict(settings)})
     with (
         _progress(quiet or not is_main) as on_progress,
-        io.atomic_output_dir(out, force, enabled=is_main, inputs=inputs, manifest=manifest) as tmp,
+        outputs.atomic_output_dir(out, force, enabled=is_main, inputs=inputs, manifest=manifest) as tmp,
     ):
         result = run_training(
             settings,
@@ -778,7 +778,7 @@ def merge_command(
     if list_methods:
         if adapters or out or method:
             raise UsageError("--list takes no adapters, -o or --method")
-        with io.atomic_output_file(io.STDIO) as handle:
+        with outputs.atomic_output_file(io.STDIO) as handle:
             io.write_jsonl(merging.describe_methods(), handle)
         return
     if not adapters:
@@ -789,13 +789,13 @@ def merge_command(
         raise UsageError(f"give --method, one of: {', '.join(merging.REGISTRY)}")
     parsed_weights = merging.parse_weights(weights, len(adapters))
     inputs = [*adapters, *([into_base] if into_base else [])]
-    io.check_output_free(out, force, inputs, directory=True)
+    outputs.check_output_free(out, force, inputs, directory=True)
     started = time.perf_counter()
     plan = merging.prepare(
         adapters, method.value, parsed_weights, rank, density, seed, into_base, allow_base_mismatch
     )
     manifest = io.Manifest(["lrtool", *SESSION.argv], plan.settings.seed, extra={"method": method.value})
-    with io.atomic_output_dir(out, force, inputs=inputs, manifest=manifest) as tmp:
+    with outputs.atomic_output_dir(out, force, inputs=inputs, manifest=manifest) as tmp:
         report = plan.write(tmp)
         manifest.inputs = {item["path"]: item["sha256"] for item in report["inputs"]}  # hashed once
         if into_base:
@@ -910,14 +910,14 @@ def diagnose_command(
     inputs = [*paths, *([base] if base else [])]
     if plot is not None:
         diagnosis.check_plot_available()
-        io.check_output_free(plot, force, inputs)
+        outputs.check_output_free(plot, force, inputs)
     report = diagnosis.diagnose(paths, base)
-    with io.atomic_output_file(io.STDIO) as handle:
+    with outputs.atomic_output_file(io.STDIO) as handle:
         handle.write(io.dumps_report(report))
     if table:
         _diagnose_table(report)
     if plot is not None:
-        with io.atomic_output_file(plot, force, mode="wb", inputs=inputs) as handle:
+        with outputs.atomic_output_file(plot, force, mode="wb", inputs=inputs) as handle:
             diagnosis.write_plot(report, handle)
         log.info("wrote %s", plot)
     counts = report["counts"]
@@ -1231,24 +1231,24 @@ def eval_command(
         check_plot_available()
     is_main = Distributed.from_env().is_main
     inputs = [*data, base, *(spec.path for spec in settings.systems if spec.path)]
-    outputs = [path for path in (out, predictions, plot) if path not in (None, io.STDIO)]
-    if len({Path(path).resolve() for path in outputs}) < len(outputs):
+    files = [path for path in (out, predictions, plot) if path not in (None, io.STDIO)]
+    if len({Path(path).resolve() for path in files}) < len(files):
         raise UsageError("-o, --predictions and --plot must name different files")
-    for path in outputs:
+    for path in files:
         if is_main:
-            io.check_output_free(path, force, inputs)
+            outputs.check_output_free(path, force, inputs)
     with _progress(quiet or not is_main, "eval") as on_progress:
         result = evaluation.evaluate(settings, on_progress=on_progress)
     if not is_main:
         return
     report = result.report
     if predictions is not None:
-        with io.atomic_output_file(predictions, force, inputs=inputs) as handle:
+        with outputs.atomic_output_file(predictions, force, inputs=inputs) as handle:
             io.write_jsonl(result.prediction_lines(), handle)
     if plot is not None:
-        with io.atomic_output_file(plot, force, mode="wb", inputs=inputs) as handle:
+        with outputs.atomic_output_file(plot, force, mode="wb", inputs=inputs) as handle:
             write_plot(report, handle)
-    with io.atomic_output_file(out or io.STDIO, force, inputs=inputs) as handle:
+    with outputs.atomic_output_file(out or io.STDIO, force, inputs=inputs) as handle:
         handle.write(io.dumps_report(report))
     if table:
         _eval_table(report)
@@ -1316,7 +1316,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         command = typer.main.get_command(app)
         code = command.main(args=SESSION.argv, prog_name="lrtool", standalone_mode=False)
-        with io.writing(io.STDIO):  # what print() left in the buffer: a failed write is an error, not exit 0
+        with outputs.writing(
+            io.STDIO
+        ):  # what print() left in the buffer: a failed write is an error, not exit 0
             sys.stdout.flush()
     except LrtoolError as exc:
         _fail(exc, exc.exit_code, str(exc))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from lrtool import io
+from lrtool import io, outputs
 from lrtool.errors import DivergedError, InputError, QualityGateError, UsageError, one_line
 from lrtool.formatting import IGNORE, collate, encode_example, word_ids
 from lrtool.kernels import dispatch
@@ -703,7 +703,7 @@ def save_checkpoint(ckpt: Path, s: TrainSettings, model, optimizer, scheduler, s
     import torch
     from safetensors.torch import save_file
 
-    io.remove_stale_temporaries(ckpt)
+    outputs.remove_stale_temporaries(ckpt)
     tmp = Path(tempfile.mkdtemp(prefix=f".{ckpt.name}.{os.getpid()}.", suffix=".tmp", dir=ckpt.parent))
     try:
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}

@@ -345,12 +345,12 @@ def test_links_and_devices_are_never_outputs(cli, tmp_path, target, needle):
 
 
 def test_dev_stdout_as_an_output_points_to_dash():
-    from lrtool import io
+    from lrtool import outputs
     from lrtool.errors import UsageError
 
     for path in ("/dev/stdout", "/proc/self/fd/1"):  # checked only: nothing is written
         with pytest.raises(UsageError, match="with '-'"):
-            io.check_output_free(path, force=True)
+            outputs.check_output_free(path, force=True)
 
 
 def test_an_output_inside_or_equal_to_an_input_is_a_usage_error(cli, env, tmp_path):

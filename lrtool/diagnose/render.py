@@ -6,7 +6,7 @@ with rich) and the picture of --plot. matplotlib is optional, not a dependency o
 import math
 from pathlib import Path
 
-from lrtool import io
+from lrtool import outputs
 from lrtool.errors import LrtoolError
 
 
@@ -103,5 +103,7 @@ def write_plot(report: dict, handle) -> None:
                     )
         figure.colorbar(image, ax=cosines)
     figure.tight_layout()
-    figure.savefig(handle, format="png", dpi=100, bbox_inches="tight", metadata={"Software": io.PNG_SOFTWARE})
+    figure.savefig(
+        handle, format="png", dpi=100, bbox_inches="tight", metadata={"Software": outputs.PNG_SOFTWARE}
+    )
     plt.close(figure)

@@ -7,7 +7,7 @@ dataset when there is none). Needs matplotlib (the `plot` extra).
 
 from __future__ import annotations
 
-from lrtool import io
+from lrtool import outputs
 from lrtool.errors import InputError
 from lrtool.evaluate.report import primary_metric
 
@@ -72,7 +72,7 @@ def write_plot(report: dict, handle) -> None:
     axes[0][0].set_ylabel(metric.replace("_", " "))
     axes[0][-1].legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
     figure.tight_layout()
-    figure.savefig(handle, format="png", dpi=110, metadata={"Software": io.PNG_SOFTWARE})
+    figure.savefig(handle, format="png", dpi=110, metadata={"Software": outputs.PNG_SOFTWARE})
     plt.close(figure)
 
 
