@@ -3,7 +3,7 @@
 
 _lrtool_subcommands() {  # subcommands of a group, by its words after lrtool
     case $1 in
-        '') REPLY='train merge diagnose eval gen-data' ;;
+        '') REPLY='train merge diagnose eval route gen-data' ;;
         'gen-data') REPLY='two-hop math' ;;
         *) REPLY='' ;;
     esac
@@ -16,6 +16,7 @@ _lrtool_options() {  # every option spelling of a command
         'merge') REPLY='-o --out --method --weights -r --rank --density --seed --into-base --allow-base-mismatch --list --force -q --quiet -v --verbose -h --help' ;;
         'diagnose') REPLY='--base --fail-on --table --plot --force -q --quiet -v --verbose -h --help' ;;
         'eval') REPLY='--base --system --adapter --model --score --choices --max-choices --by --bootstrap --reference --limit --batch-size --max-new-tokens --chat-template --device --dtype --seed -o --out --predictions --table --plot --fail-under --trust-remote-code --force -q --quiet -v --verbose -h --help' ;;
+        'route') REPLY='-o --out --method --top-k --temperature --mix --general --examples --layer --budget --seed --by --map --base --explain --batch-size --list --force -q --quiet -v --verbose -h --help' ;;
         'gen-data') REPLY='-h --help' ;;
         'gen-data two-hop') REPLY='--split -o --out --templates --seed --size --cities --familiar-mentors --new-mentors --familiar-people --h-people --f-people --bridge-fraction --filler --force -q --quiet -v --verbose -h --help' ;;
         'gen-data math') REPLY='--split -o --out --templates --seed --size --skill-problems --composed-problems --subtraction-facts --filler-sentences --shared-template --answer-format --force -q --quiet -v --verbose -h --help' ;;
@@ -30,6 +31,7 @@ _lrtool_value_options() {  # the options that take a value
         'merge') REPLY='-o --out --method --weights -r --rank --density --seed --into-base' ;;
         'diagnose') REPLY='--base --fail-on --plot' ;;
         'eval') REPLY='--base --system --adapter --model --score --choices --max-choices --by --bootstrap --reference --limit --batch-size --max-new-tokens --device --dtype --seed -o --out --predictions --plot --fail-under' ;;
+        'route') REPLY='-o --out --method --top-k --temperature --mix --general --examples --layer --budget --seed --by --map --base --explain --batch-size' ;;
         'gen-data') REPLY='' ;;
         'gen-data two-hop') REPLY='--split -o --out --templates --seed --size --cities --familiar-mentors --new-mentors --familiar-people --h-people --f-people --bridge-fraction --filler' ;;
         'gen-data math') REPLY='--split -o --out --templates --seed --size --skill-problems --composed-problems --subtraction-facts --filler-sentences --answer-format' ;;
@@ -46,6 +48,8 @@ _lrtool_choices() {  # the values an option takes, by 'command|option'
         'merge|--method') REPLY='linear svd factor-avg ties dare-linear dare-ties magnitude-prune knots' ;;
         'diagnose|--fail-on') REPLY='error warning' ;;
         'eval|--dtype') REPLY='float32 bfloat16 float16' ;;
+        'route|--method') REPLY='arrow uniform centroid lorahub oracle' ;;
+        'route|--mix') REPLY='outputs factors' ;;
         'gen-data two-hop|--split') REPLY='pretrain hop1 hop2 direct twohop' ;;
         'gen-data two-hop|--templates') REPLY='train eval' ;;
         'gen-data two-hop|--size') REPLY='tiny small gpu' ;;

@@ -3,16 +3,17 @@
 complete -c lrtool -f  # file names only where a value or an argument is one
 
 # lrtool
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -a train -d 'Train a LoRA (or, with --full, every weight) of a causal LM on JSONL prompt/answer datasets.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -a merge -d 'Merge LoRA adapters into one adapter, or into a base model\'s weights, exactly as each method defines.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -a diagnose -d 'Check LoRA adapters before using or merging them: intact, format, fit to a base, spectra, interference.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -a eval -d 'Score base, adapters, merges and models side by side on JSONL datasets, with intervals.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -a gen-data -d 'Generate synthetic datasets whose test sets need composition.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -s q -l quiet -d 'Print nothing but data and errors.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -s v -l verbose -d 'Log more detail to stderr.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -l debug -d 'Show tracebacks (also LRTOOL_DEBUG=1).'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -l version -d 'Print the version and exit.'
-complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval gen-data' -s h -l help -d 'Show this message and exit.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval route gen-data' -a train -d 'Train a LoRA (or, with --full, every weight) of a causal LM on JSONL prompt/answer datasets.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval route gen-data' -a merge -d 'Merge LoRA adapters into one adapter, or into a base model\'s weights, exactly as each method defines.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval route gen-data' -a diagnose -d 'Check LoRA adapters before using or merging them: intact, format, fit to a base, spectra, interference.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval route gen-data' -a eval -d 'Score base, adapters, merges and models side by side on JSONL datasets, with intervals.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval route gen-data' -a route -d 'Build a router: pick or mix adapters per input or per token instead of averaging their parameters.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval route gen-data' -a gen-data -d 'Generate synthetic datasets whose test sets need composition.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval route gen-data' -s q -l quiet -d 'Print nothing but data and errors.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval route gen-data' -s v -l verbose -d 'Log more detail to stderr.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval route gen-data' -l debug -d 'Show tracebacks (also LRTOOL_DEBUG=1).'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval route gen-data' -l version -d 'Print the version and exit.'
+complete -c lrtool -n 'not __fish_seen_subcommand_from train merge diagnose eval route gen-data' -s h -l help -d 'Show this message and exit.'
 
 # lrtool train
 complete -c lrtool -n '__fish_seen_subcommand_from train' -l base -r -F -d 'Base model: a Hugging Face model directory, a hub id, or tiny / tiny:PRESET (micro, tiny, small, base) for a new Llama made here.'
@@ -108,6 +109,29 @@ complete -c lrtool -n '__fish_seen_subcommand_from eval' -s q -l quiet -d 'Print
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -s v -l verbose -d 'Log more detail to stderr.'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -s h -l help -d 'Show this message and exit.'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -F
+
+# lrtool route
+complete -c lrtool -n '__fish_seen_subcommand_from route' -s o -l out -r -F -d 'The router directory (printed on stdout).'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l method -x -a 'arrow uniform centroid lorahub oracle' -d 'Router (see --list).'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l top-k -x -d 'arrow, centroid: adapters mixed per token or example.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l temperature -x -d 'arrow, centroid: softmax temperature (default 1).'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l mix -x -a 'outputs factors' -d 'arrow: outputs (default) or factors.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l general -r -F -d 'arrow: general adapters to subtract (GenKnowSub); repeat.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l examples -r -F -d 'centroid: ADAPTER=FILE.jsonl for each adapter; lorahub: FILE.jsonl of the task.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l layer -x -d 'centroid: hidden layer compared (default -1, the last).'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l budget -x -d 'lorahub: evaluations of the objective (default 40).'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l seed -x -d 'lorahub: seed of the search (default 0).'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l by -r -F -d 'oracle: the meta key that labels examples.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l map -r -F -d 'oracle: which adapter each label goes to.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l base -r -F -d 'centroid, lorahub, --explain: the base model directory.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l explain -r -F -d 'Print this router\'s decisions on DATA.jsonl... as JSON lines.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l batch-size -x -d '--explain: examples per forward pass.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l list -d 'Print the routers as JSON lines (name, summary, parameters) and exit.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l force -d 'Replace an existing output (only one lrtool wrote).'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -s q -l quiet -d 'Print nothing but data and errors.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -s v -l verbose -d 'Log more detail to stderr.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -s h -l help -d 'Show this message and exit.'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -F
 
 # lrtool gen-data
 complete -c lrtool -n '__fish_seen_subcommand_from gen-data; and not __fish_seen_subcommand_from two-hop math' -a two-hop -d 'Two-hop knowledge: "A\'s mentor is B", "B was born in C", and "where was A\'s mentor born?".'

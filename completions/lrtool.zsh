@@ -19,6 +19,7 @@ _lrtool() {
         'merge:Merge LoRA adapters into one adapter, or into a base model'\''s weights, exactly as each method defines.'
         'diagnose:Check LoRA adapters before using or merging them: intact, format, fit to a base, spectra, interference.'
         'eval:Score base, adapters, merges and models side by side on JSONL datasets, with intervals.'
+        'route:Build a router: pick or mix adapters per input or per token instead of averaging their parameters.'
         'gen-data:Generate synthetic datasets whose test sets need composition.'
       )
       _describe -t commands 'lrtool command' commands && ret=0
@@ -30,6 +31,7 @@ _lrtool() {
         (merge) _lrtool_merge && ret=0 ;;
         (diagnose) _lrtool_diagnose && ret=0 ;;
         (eval) _lrtool_eval && ret=0 ;;
+        (route) _lrtool_route && ret=0 ;;
         (gen-data) _lrtool_gen_data && ret=0 ;;
       esac
       ;;
@@ -138,6 +140,31 @@ _lrtool_eval() {
     '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
     '(-h --help)'{-h,--help}'[Show this message and exit.]' \
     '*:DATA.jsonl...:_files'
+}
+
+_lrtool_route() {
+  _arguments -s -S \
+    '(-o --out)'{-o+,--out=}'[The router directory (printed on stdout).]:DIR:_files' \
+    '--method=[Router (see --list).]:METHOD:(arrow uniform centroid lorahub oracle)' \
+    '--top-k=[arrow, centroid\: adapters mixed per token or example.]:INT: ' \
+    '--temperature=[arrow, centroid\: softmax temperature (default 1).]:FLOAT: ' \
+    '--mix=[arrow\: outputs (default) or factors.]:MIX:(outputs factors)' \
+    '*--general=[arrow\: general adapters to subtract (GenKnowSub); repeat.]:ADAPTER:_files' \
+    '*--examples=[centroid\: ADAPTER=FILE.jsonl for each adapter; lorahub\: FILE.jsonl of the task.]:ADAPTER=FILE|FILE:_files' \
+    '--layer=[centroid\: hidden layer compared (default -1, the last).]:INT: ' \
+    '--budget=[lorahub\: evaluations of the objective (default 40).]:INT: ' \
+    '--seed=[lorahub\: seed of the search (default 0).]:INT: ' \
+    '--by=[oracle\: the meta key that labels examples.]:KEY:_files' \
+    '--map=[oracle\: which adapter each label goes to.]:VALUE=ADAPTER,...:_files' \
+    '--base=[centroid, lorahub, --explain\: the base model directory.]:BASE:_files' \
+    '--explain=[Print this router'\''s decisions on DATA.jsonl... as JSON lines.]:ROUTER:_files' \
+    '--batch-size=[--explain\: examples per forward pass.]:INT: ' \
+    '--list[Print the routers as JSON lines (name, summary, parameters) and exit.]' \
+    '--force[Replace an existing output (only one lrtool wrote).]' \
+    '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
+    '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \
+    '(-h --help)'{-h,--help}'[Show this message and exit.]' \
+    '*:ADAPTER...|DATA.jsonl...:_files'
 }
 
 _lrtool_gen_data() {

@@ -1306,6 +1306,220 @@ def _eval_table(report: dict) -> None:
         console.print(table)
 
 
+# ---------------------------------------------------------------------------------------------- route
+
+
+def _router_names() -> tuple[str, ...]:
+    from lrtool.routers import REGISTRY  # the names only: importing the registry imports no torch
+
+    return tuple(REGISTRY)
+
+
+RouterMethodName = _split_enum("RouterMethodName", _router_names())
+Mix = _split_enum("Mix", ("outputs", "factors"))
+
+
+def _route_epilog() -> str:
+    paragraphs = [
+        "A router is a directory: router.json ({format: lrtool-router, format_version: 1, method, adapters: "
+        "[{name, path, sha256}], general: [...], parameters}; adapter paths relative to the router when they "
+        "can be), router.safetensors (the method's tensors: arrow's prototypes.<module> [adapters, in], "
+        "centroid's centroids [adapters, hidden], lorahub's weights [adapters]) and lrtool.json. eval checks "
+        "each adapter's sha256 and refuses a router whose adapters changed since it was built.",
+        "Routers: arrow (per token and layer: the top-k adapters by |<h, prototype>|, the prototype being "
+        "the exact top right singular vector of scale * B @ A; softmax of score / temperature over the kept; "
+        "--mix outputs adds the chosen adapters' outputs, --mix factors mixes their A's and B's; --general "
+        "subtracts general adapters' mean A and B first, peft's GenKnowSub); uniform (every adapter's output "
+        "with weight 1/E); centroid (per example: the top-k adapters whose --examples' mean hidden state at "
+        "--layer is nearest by cosine); lorahub (one weight per adapter in [-1.5, 1.5], searched with "
+        "nevergrad's NGOpt for --budget evaluations of the answers' cross-entropy + 0.05 mean |w| on "
+        "--examples FILE; the factors are combined); oracle (each example to the adapter its meta[--by] "
+        "names in --map).",
+        "--explain ROUTER DATA.jsonl... --base BASE prints one JSON line per example: dataset, line, and the "
+        "adapters chosen with their weights (per-example routers) or, per layer, each adapter's mean weight "
+        "over the prompt's tokens and its share of tokens as top-1 choice (per-token routers).",
+        "Exit status: 0 written; 1 adapters that cannot be routed together, a damaged router, unreadable "
+        "examples; 2 a usage error.",
+        "Examples:",
+        "  lrtool route hop1/ hop2/ --method arrow --top-k 2 -o arrow/",
+        "  lrtool route hop1/ hop2/ direct/ --method uniform -o uniform/",
+        "  lrtool route hop1/ hop2/ --method centroid --examples hop1=hop1.jsonl --examples hop2=hop2.jsonl "
+        "--base base/ -o centroid/",
+        "  lrtool route hop1/ hop2/ direct/ --method lorahub --examples dev.jsonl --base base/ -o lorahub/",
+        "  lrtool route hop1/ hop2/ --method oracle --by split --map hop1=hop1,hop2=hop2 -o oracle/",
+        "  lrtool route --explain arrow/ twohop.jsonl --base base/ | head -n 1",
+        "  lrtool eval twohop.jsonl --base base/ --system arrow=router:arrow/",
+    ]
+    return "\n\n".join(paragraphs)
+
+
+@app.command("route", epilog=_route_epilog())
+def route_command(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="ADAPTER...|DATA.jsonl...",
+            help="The adapters to route between (with --explain: the datasets whose routing to show).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        str | None,
+        _opt(
+            "--out", "-o", metavar="DIR", help="The router directory (printed on stdout).", show_default=False
+        ),
+    ] = None,
+    method: Annotated[
+        RouterMethodName | None, _opt("--method", help="Router (see --list).", show_default=False)
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        _opt(
+            "--top-k", min=1, help="arrow, centroid: adapters mixed per token or example.", show_default=False
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        _opt(
+            "--temperature",
+            callback=_finite,
+            help="arrow, centroid: softmax temperature (default 1).",
+            show_default=False,
+        ),
+    ] = None,
+    mix: Annotated[
+        Mix | None, _opt("--mix", help="arrow: outputs (default) or factors.", show_default=False)
+    ] = None,
+    general: Annotated[
+        list[str] | None,
+        _opt(
+            "--general",
+            metavar="ADAPTER",
+            help="arrow: general adapters to subtract (GenKnowSub); repeat.",
+            show_default=False,
+        ),
+    ] = None,
+    examples: Annotated[
+        list[str] | None,
+        _opt(
+            "--examples",
+            metavar="ADAPTER=FILE|FILE",
+            help="centroid: ADAPTER=FILE.jsonl for each adapter; lorahub: FILE.jsonl of the task.",
+            show_default=False,
+        ),
+    ] = None,
+    layer: Annotated[
+        int | None,
+        _opt("--layer", help="centroid: hidden layer compared (default -1, the last).", show_default=False),
+    ] = None,
+    budget: Annotated[
+        int | None,
+        _opt(
+            "--budget", min=1, help="lorahub: evaluations of the objective (default 40).", show_default=False
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        _opt(
+            "--seed", min=0, max=MAX_SEED, help="lorahub: seed of the search (default 0).", show_default=False
+        ),
+    ] = None,
+    by: Annotated[
+        str | None,
+        _opt("--by", metavar="KEY", help="oracle: the meta key that labels examples.", show_default=False),
+    ] = None,
+    map_: Annotated[
+        str | None,
+        _opt(
+            "--map",
+            metavar="VALUE=ADAPTER,...",
+            help="oracle: which adapter each label goes to.",
+            show_default=False,
+        ),
+    ] = None,
+    base: Annotated[
+        str | None,
+        _opt(
+            "--base",
+            metavar="BASE",
+            help="centroid, lorahub, --explain: the base model directory.",
+            show_default=False,
+        ),
+    ] = None,
+    explain_router: Annotated[
+        str | None,
+        _opt(
+            "--explain",
+            metavar="ROUTER",
+            help="Print this router's decisions on DATA.jsonl... as JSON lines.",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, _opt("--batch-size", min=1, help="--explain: examples per forward pass.")
+    ] = 64,
+    list_routers: Annotated[
+        bool, _opt("--list", help="Print the routers as JSON lines (name, summary, parameters) and exit.")
+    ] = False,
+    force: Force = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Build a router: pick or mix adapters per input or per token instead of averaging their parameters.
+
+    Writes a router directory (router.json, router.safetensors, lrtool.json) that `lrtool eval --system
+    NAME=router:DIR` applies, and prints its path. The same inputs and seed give the same bytes.
+    """
+    _configure_logging(quiet, verbose)
+    from lrtool import routers
+
+    if list_routers:
+        if args or out or method or explain_router:
+            raise UsageError("--list takes no adapters, -o, --method or --explain")
+        with outputs.atomic_output_file(io.STDIO) as handle:
+            io.write_jsonl(routers.describe_routers(), handle)
+        return
+    if explain_router is not None:
+        if not args or base is None:
+            raise UsageError("--explain ROUTER needs the datasets (DATA.jsonl...) and --base BASE")
+        from lrtool.routers.explain import explain
+
+        with outputs.atomic_output_file(
+            out or io.STDIO, force, inputs=[*args, explain_router, base]
+        ) as handle:
+            io.write_jsonl(explain(explain_router, args, base, batch_size=batch_size), handle)
+        return
+    if not args:
+        raise UsageError("give the adapters to route between (or --list to see the routers)")
+    if out is None:
+        raise UsageError("give -o DIR, the router directory")
+    if method is None:
+        raise UsageError(f"give --method, one of: {', '.join(routers.REGISTRY)}")
+    from lrtool.routers.build import build_router
+
+    options = {
+        "top_k": top_k,
+        "temperature": temperature,
+        "mix": mix.value if mix else None,
+        "examples": examples or [],
+        "layer": layer,
+        "budget": budget,
+        "seed": seed,
+        "by": by,
+        "map": map_,
+    }
+    files = [item.partition("=")[2] or item for item in examples or []]
+    inputs = [*args, *(general or []), *files, *([base] if base else [])]
+    outputs.check_output_free(out, force, inputs, directory=True)
+    router = build_router(args, method.value, options, general=general, base=base, log=log.info)
+    existing = [path for path in inputs if Path(path).exists()]
+    manifest = io.Manifest(["lrtool", *SESSION.argv], seed, existing, {"method": method.value})
+    with outputs.atomic_output_dir(out, force, inputs=inputs, manifest=manifest) as tmp:
+        router.save(tmp)
+    log.info("wrote router %s (%s over %d adapters)", out, method.value, len(args))
+    print(out)
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 

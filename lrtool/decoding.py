@@ -36,7 +36,7 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in _forward_arguments(type(model)) else "past_key_values"
 
 
-def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -46,7 +46,7 @@ def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
+def positions(mask: torch.Tensor) -> torch.Tensor:
     """Each token's position counted from its row's first real token (pads get 0)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
@@ -82,7 +82,7 @@ def greedy(
     (read off the prompt's forward pass, so single-token candidates cost nothing extra).
     """
     device = next(model.parameters()).device
-    ids, mask = _left_padded(prompts, pad_id, device)
+    ids, mask = left_padded(prompts, pad_id, device)
     cache_argument = _cache_argument(model)
     logits, cache = _run(
         model,
@@ -91,7 +91,7 @@ def greedy(
         1,
         input_ids=ids,
         attention_mask=mask,
-        position_ids=_positions(mask),
+        position_ids=positions(mask),
         use_cache=True,
     )
     last = logits[:, -1]
@@ -128,7 +128,7 @@ def greedy(
             1,
             input_ids=chosen[:, None],
             attention_mask=mask,
-            position_ids=_positions(mask)[:, -1:],
+            position_ids=positions(mask)[:, -1:],
             use_cache=True,
             **{cache_argument: cache},
         )
@@ -149,7 +149,7 @@ def continuation_logliks(
     One teacher-forced pass: rows are left-padded so that every continuation ends at the last position.
     """
     device = next(model.parameters()).device
-    ids, mask = _left_padded([list(p) + list(c) for p, c in rows], pad_id, device)
+    ids, mask = left_padded([list(p) + list(c) for p, c in rows], pad_id, device)
     longest = max(len(c) for _, c in rows)
     logits, _ = _run(
         model,
@@ -158,7 +158,7 @@ def continuation_logliks(
         longest + 1,
         input_ids=ids,
         attention_mask=mask,
-        position_ids=_positions(mask),
+        position_ids=positions(mask),
         use_cache=False,
     )
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # position j predicts the token at j + 1
@@ -169,3 +169,26 @@ def continuation_logliks(
         predicted = logprobs[i, longest - n : longest]
         totals.append(float(predicted.gather(1, targets[:, None]).double().sum()))
     return totals
+
+
+def mean_hidden_states(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    layer: int = -1,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """[prompts, hidden]: each prompt's hidden state at `layer` (0 = the embeddings, -1 = the last layer),
+    averaged over its tokens (float32; padding left out)."""
+    device = next(model.parameters()).device
+    means = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_padded(prompts[start : start + batch_size], pad_id, device)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=True
+        )
+        hidden = out.hidden_states[layer].float()
+        weights = mask.unsqueeze(-1).float()
+        means.append((hidden * weights).sum(1) / weights.sum(1))
+    return torch.cat(means)

@@ -374,7 +374,7 @@ def missing_module_adapter(root):
         (lambda env, root: ["--system", "a=adapter:"], 2, "NAME=SPEC"),
         (lambda env, root: ["--system", "a=weights:x"], 2, "NAME=SPEC"),
         (lambda env, root: ["--system", "a=base", "--system", "a=base"], 2, "two systems are named 'a'"),
-        (lambda env, root: ["--system", "r=router:somewhere"], 2, "lrtool route"),
+        (lambda env, root: ["--system", "r=router:somewhere"], 1, "not a router (no router.json)"),
         (lambda env, root: ["--by", "colour"], 2, "--by colour: no example has meta key 'colour'"),
         (lambda env, root: ["--reference", "nobody"], 2, "--reference nobody: no system"),
         (lambda env, root: ["--score", "bleu"], 2, "--score takes exact, loglik"),

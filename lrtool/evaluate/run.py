@@ -11,6 +11,7 @@ numbers are too. Returns one `Outcome` per (system, dataset, example); writes no
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,10 +116,12 @@ def _load(base: str, specs: list[SystemSpec], settings: RunSettings, device, dty
     from lrtool.adapters import check_computable, load_adapter, match_module_names
     from lrtool.engine import AdapterEngine, OneAdapter
     from lrtool.models import module_names
+    from lrtool.routers.base import RoutingContext
+    from lrtool.routers.build import load_for_eval
 
     model, tokenizer = _model(base, settings, dtype, device)
     names = module_names(model)
-    adapters, shared, described, runs = [], [], [], []
+    adapters, shared, described, runs, routers = [], [], [], [], []
     for index, spec in enumerate(specs):
         if spec.kind == "adapter":
             adapter = match_module_names(load_adapter(spec.path), names)
@@ -134,6 +137,21 @@ def _load(base: str, specs: list[SystemSpec], settings: RunSettings, device, dty
                     "declared_base": adapter.base,
                 }
             )
+        elif spec.kind == "router":
+            router, held, make_routing = load_for_eval(spec.path)
+            slots = list(range(len(adapters), len(adapters) + len(held)))
+            adapters.extend(match_module_names(adapter, names) for adapter in held)
+            routers.append((index, slots, make_routing))
+            shared.append((index, None))  # its routing, once the engine exists
+            parameters = {k: v for k, v in router.parameters.items() if k != "search"}
+            described.append(
+                {
+                    "kind": "router",
+                    "method": router.method,
+                    "adapters": router.names,
+                    "parameters": parameters,
+                }
+            )
         elif spec.kind == "base":
             shared.append((index, None))
             described.append({"kind": "base"})
@@ -143,6 +161,9 @@ def _load(base: str, specs: list[SystemSpec], settings: RunSettings, device, dty
             described.append({"kind": "model", "parameters": sum(p.numel() for p in other.parameters())})
     if shared:
         engine = AdapterEngine(model, adapters) if adapters else None
+        context = RoutingContext(engine, model, tokenizer)
+        routings = {index: make_routing(slots, context) for index, slots, make_routing in routers}
+        shared = [(index, routings.get(index, part)) for index, part in shared]
         runs.insert(0, Loaded(model, tokenizer, engine, shared))
     return runs, described
 
@@ -165,6 +186,7 @@ class _Item:
     prompt: list[int]  # the prompt's tokens
     candidates: list[list[int]]  # the answer's continuation tokens (EOS excluded) first, then the others
     answer: str  # stripped
+    meta: dict  # the example's (routers that route by label read it)
 
 
 class _Job:
@@ -187,7 +209,7 @@ class _Job:
                 tails = answers_after(tokenizer, head, example.prompt, texts, chat)
                 longest = max(longest, len(tails[0]))
                 candidates = _distinct([tail[:-1] for tail in tails])  # without EOS
-                self.examples.append(_Item(d, e, head, candidates, example.answer.strip()))
+                self.examples.append(_Item(d, e, head, candidates, example.answer.strip(), example.meta))
         self.max_new_tokens = (
             settings.max_new_tokens if settings.max_new_tokens is not None else longest + EXTRA_NEW_TOKENS
         )
@@ -203,11 +225,10 @@ class _Job:
 
     def run(self, dist, advance) -> dict[tuple[int, int, int], Outcome]:
         from lrtool.decoding import continuation_logliks, greedy
-        from lrtool.engine import Plan
         from lrtool.formatting import decode_answer
 
         loaded, settings = self.loaded, self.settings
-        tokenizer, parts = loaded.tokenizer, dict(loaded.systems)
+        tokenizer = loaded.tokenizer
         stop_ids = _stop_ids(loaded.model, tokenizer)
         logliks: dict[tuple[int, int], dict[int, float]] = {}
         outcomes: dict[tuple[int, int], Outcome] = {}
@@ -226,7 +247,7 @@ class _Job:
                 stop_ids=stop_ids,
                 max_new_tokens=self.max_new_tokens if settings.exact else 0,
                 engine=loaded.engine,
-                plan=Plan.by_row([parts[s] for s, _ in batch]),
+                plan=self.plan([(s, i) for s, i in batch]),
                 score_tokens=(
                     [[items[i].candidates[c][0] for c in cs] for (_, i), cs in zip(batch, single)]
                     if settings.loglik
@@ -254,12 +275,26 @@ class _Job:
                 [(items[i].prompt, items[i].candidates[c]) for _, i, c in batch],
                 pad_id=tokenizer.pad_token_id,
                 engine=loaded.engine,
-                plan=Plan.by_row([parts[s] for s, _, _ in batch]),
+                plan=self.plan([(s, i) for s, i, _ in batch]),
             )
             for (s, i, c), value in zip(batch, values):
                 logliks.setdefault((s, i), {})[c] = value
             advance(len(batch))
         return self._finish(outcomes, logliks)
+
+    def plan(self, rows: list[tuple[int, int]]):
+        """The engine plan of a batch's (system, item) rows, sorted by system: each system's part, a router's
+        made for the rows it routes."""
+        from lrtool.engine import Plan
+        from lrtool.routers.base import Routing
+
+        parts, systems = [], dict(self.loaded.systems)
+        for system, group in itertools.groupby(rows, key=lambda row: row[0]):
+            mine = [self.examples[i] for _, i in group]
+            entry = systems[system]
+            part = entry.part(mine) if isinstance(entry, Routing) else entry
+            parts.extend([part] * len(mine))
+        return Plan.by_row(parts)
 
     def _finish(self, outcomes, logliks) -> dict[tuple[int, int, int], Outcome]:
         """Key outcomes by (system, dataset, example) and fill in what the scores say."""

@@ -62,12 +62,6 @@ def gather_systems(
         if spec.name in seen:
             raise UsageError(f"two systems are named {spec.name!r}; give each --system its own NAME")
         seen.add(spec.name)
-    for spec in specs:
-        if spec.kind == "router":
-            raise UsageError(
-                f"system {spec.name!r}: router:DIR systems are built by `lrtool route`, which is not part of "
-                "this version of lrtool yet; evaluate adapters, merges or models for now"
-            )
     return specs
 
 
