@@ -609,7 +609,7 @@ def train(
             checkpoint=checkpoint,
         )
     if is_main:
-        remove_checkpoint(Path(out))
+        remove_checkpoint(checkpoint)
         accuracy = "" if result.accuracy is None else f", exact match {result.accuracy:.3f}"
         log.info(
             "trained %d steps on %d examples in %.1f s (%.0f tokens/s), loss %.4f%s",

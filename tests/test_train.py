@@ -461,7 +461,7 @@ def test_torchrun_with_two_processes_gives_the_single_process_adapter(world, bas
 def test_a_signal_in_the_middle_of_a_step_stops_at_the_step_boundary_and_resumes_exactly(
     world, base, cli, tmp_path, monkeypatch
 ):
-    import lrtool.train as training
+    import lrtool.train.loop as training  # the step loop's own _token_loss_sum
 
     args = [
         "train",
