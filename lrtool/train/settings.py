@@ -47,7 +47,8 @@ class Flag:
         """The flag errors name: the long one (DATA for the argument)."""
         return next((f for f in self.flags if f.startswith("--")), "DATA")
 
-    def range_problem(self, value) -> str | None:
+    def problem(self, value) -> str | None:
+        """What is wrong with a (set) value by this flag's range and choices, as the error says it."""
         if self.min is not None and value < self.min:
             rules = {0: "must not be negative", 1: "must be positive"}
             return f"{self.name} {rules.get(self.min, f'must be at least {self.min}')}"
@@ -254,6 +255,9 @@ class TrainSettings:
         return s
 
     def _check(self) -> None:
+        """Raise UsageError for the first value that is not finite, out of its Flag's range or choices, or
+        wrong with the others (the floats' ranges are checked only here: the command line takes any finite
+        float)."""
         s = self
         for f in fields(s):
             flag, value = f.metadata[FLAG], getattr(s, f.name)
@@ -261,7 +265,7 @@ class TrainSettings:
                 raise UsageError(f"{flag.name} must be a finite number, got {value}")
         for f in fields(s):
             flag, value = f.metadata[FLAG], getattr(s, f.name)
-            problem = None if value is None else flag.range_problem(value)
+            problem = None if value is None else flag.problem(value)
             if problem:
                 raise UsageError(problem)
         checks = [
