@@ -7,25 +7,26 @@ Heavy libraries (torch, transformers, peft) are imported inside the commands tha
 """
 
 import contextlib
+import inspect
 import logging
 import math
 import os
 import signal
 import sys
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_origin
 
 import typer
 from typer._click import exceptions as click_exceptions  # typer >= 0.26 carries its own click
 
 from lrtool import __version__, io, outputs
-from lrtool import train as training
 from lrtool.data import math as math_problems
 from lrtool.data import twohop
 from lrtool.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, LrtoolError, UsageError
+from lrtool.train.settings import DTYPES, FLAG, MAX_SEED, Flag, TrainSettings
 
 log = logging.getLogger("lrtool")
 
@@ -51,7 +52,6 @@ app = typer.Typer(
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but data and errors.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail to stderr.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (only one lrtool wrote).")]
-MAX_SEED = 2**32 - 1  # seeds feed torch, numpy and random generators: one range that fits them all
 
 
 def _finite(value: float | None) -> float | None:
@@ -330,15 +330,83 @@ def math_command(
 # ---------------------------------------------------------------------------------------------- train
 
 
-# The choices come from lrtool.train (which imports torch only inside its functions).
-Schedule = _split_enum("Schedule", training.SCHEDULES)
-Loss = _split_enum("Loss", training.LOSSES)
-Init = _split_enum("Init", training.INIT_CHOICES)
-Dtype = _split_enum("Dtype", training.DTYPES)
-
-
 def _opt(*flags: str, help: str, **kwargs):
     return typer.Option(*flags, help=help, **kwargs)
+
+
+def _setting_parameter(setting) -> inspect.Parameter:
+    """The typer parameter of one settings field, every part of it read from the field's Flag."""
+    flag: Flag = setting.metadata[FLAG]
+    required = setting.default is MISSING and setting.default_factory is MISSING
+    default = setting.default_factory() if setting.default_factory is not MISSING else setting.default
+    kind = setting.type
+    if flag.choices:
+        kind = _split_enum(setting.name.title(), flag.choices)
+        kind, default = (kind | None, None) if default is None else (kind, kind(default))
+    elif flag.split:
+        kind = str | None  # one string of items: the field's list comes from _setting_value
+    if flag.flags:
+        info = typer.Option(
+            *flag.flags,
+            help=flag.help,
+            metavar=flag.metavar,
+            min=flag.min,
+            max=flag.max,
+            callback=_finite if flag.finite else None,
+            show_default=flag.show_default,
+        )
+    else:
+        info = typer.Argument(metavar=flag.metavar, help=flag.help, show_default=flag.show_default)
+    return inspect.Parameter(
+        setting.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Annotated[kind, info],
+        default=inspect.Parameter.empty if required else default,
+    )
+
+
+def _setting_value(setting, value):
+    """A parsed option's value as the settings field holds it: a choice's string, a list of items."""
+    split = setting.metadata[FLAG].split
+    if isinstance(value, Enum):
+        return value.value
+    if split:
+        return [t.strip() for t in value.split(split) if t.strip()] if value else None
+    if get_origin(setting.type) is list:
+        return list(value or [])
+    return value
+
+
+def _options_from(settings_class, **after: str):
+    """Give a command one option per field of a settings dataclass (lrtool/train/settings.py), in the
+    fields' order, each built from the field's Flag: its flags, help, metavar, choices, range and default
+    are declared there and nowhere here. The command's own parameters (-o, --force, ...) keep their
+    declarations; `after` places one behind a field (out="base"), the others come last. The command is
+    called with the fields gathered into one settings object, not yet resolved."""
+
+    def decorate(command):
+        own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in inspect.signature(command).parameters.values()
+            if p.name != "settings"
+        ]
+        parameters = []
+        for setting in fields(settings_class):
+            parameters.append(_setting_parameter(setting))
+            parameters += [p for p in own if after.get(p.name) == setting.name]
+        parameters += [p for p in own if p.name not in after]
+
+        def run(**values):
+            settings = settings_class(
+                **{f.name: _setting_value(f, values.pop(f.name)) for f in fields(settings_class)}
+            )
+            return command(settings, **values)
+
+        run.__name__, run.__doc__ = command.__name__, command.__doc__
+        run.__signature__ = inspect.Signature(parameters)  # what typer reads to build the options
+        return run
+
+    return decorate
 
 
 @app.command(
@@ -350,184 +418,12 @@ def _opt(*flags: str, help: str, **kwargs):
     "  torchrun --nproc_per_node 4 -m lrtool train data.jsonl --base Qwen/Qwen2.5-0.5B-Instruct "
     "--chat-template -o expert/",
 )
+@_options_from(TrainSettings, out="base", resume="log_every")
 def train(
-    data: Annotated[
-        list[str],
-        typer.Argument(
-            metavar="DATA.jsonl...",
-            help="JSONL datasets (files); several train one adapter on their union.",
-            show_default=False,
-        ),
-    ],
-    base: Annotated[
-        str,
-        _opt(
-            "--base",
-            help="Base model: a Hugging Face model directory, a hub id, or tiny / "
-            "tiny:PRESET (micro, tiny, small, base) for a new Llama made here.",
-        ),
-    ],
+    settings: TrainSettings,
     out: Annotated[str, _opt("--out", "-o", metavar="DIR", help="Output directory (printed on stdout).")],
-    full: Annotated[
-        bool, _opt("--full", help="Train every weight (e.g. pretrain the tiny base) instead of a LoRA.")
-    ] = False,
-    rank: Annotated[
-        int, _opt("--rank", "-r", min=0, help="LoRA rank; 0 with --train-tokens trains only embedding rows.")
-    ] = 16,
-    alpha: Annotated[
-        float | None,
-        _opt("--alpha", callback=_finite, help="LoRA alpha (default: 2 x rank).", show_default=False),
-    ] = None,
-    rslora: Annotated[bool, _opt("--rslora", help="Scale by alpha / sqrt(rank) (rsLoRA).")] = False,
-    dropout: Annotated[float, _opt("--dropout", callback=_finite, help="LoRA dropout.")] = 0.0,
-    targets: Annotated[
-        str | None,
-        _opt(
-            "--targets",
-            help="Comma-separated module names to adapt (default: every linear layer of the blocks).",
-            show_default=False,
-        ),
-    ] = None,
-    init: Annotated[Init, _opt("--init", help="LoRA initialisation (peft's init_lora_weights).")] = Init(
-        "default"
-    ),
-    train_tokens: Annotated[
-        str | None,
-        _opt(
-            "--train-tokens",
-            metavar="WORDS|FILE|new",
-            help="Also train these tokens' embedding "
-            "rows: comma-separated words, a file of words, or new (tokens of DATA that the base "
-            "never saw in pretraining).",
-            show_default=False,
-        ),
-    ] = None,
-    vocab_from: Annotated[
-        list[str] | None,
-        _opt(
-            "--vocab-from",
-            metavar="PATH",
-            help="With --base tiny: make every word of PATH "
-            "one token; a directory means its .jsonl files (a gen-data world). Repeat for "
-            "several.",
-            show_default=False,
-        ),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        _opt(
-            "--lr",
-            callback=_finite,
-            help="Peak learning rate (default: 1e-3 with --full, 5e-4 LoRA).",
-            show_default=False,
-        ),
-    ] = None,
-    weight_decay: Annotated[
-        float | None,
-        _opt(
-            "--weight-decay",
-            callback=_finite,
-            help="AdamW weight decay (default: 0.1 with --full, 0 LoRA).",
-            show_default=False,
-        ),
-    ] = None,
-    epochs: Annotated[
-        float | None,
-        _opt(
-            "--epochs",
-            callback=_finite,
-            help="Passes over the data (default 20 unless --max-steps).",
-            show_default=False,
-        ),
-    ] = None,
-    max_steps: Annotated[
-        int | None,
-        _opt("--max-steps", min=1, help="Optimizer steps (overrides --epochs).", show_default=False),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        _opt(
-            "--batch-size",
-            min=1,
-            help="Examples per optimizer step, over all processes (default: 128 with --full, 64 LoRA).",
-            show_default=False,
-        ),
-    ] = None,
-    grad_accum: Annotated[
-        int,
-        _opt(
-            "--grad-accum",
-            min=1,
-            help="Split each step into this many micro-batches (same result, less memory).",
-        ),
-    ] = 1,
-    warmup: Annotated[
-        int | None,
-        _opt(
-            "--warmup", min=0, help="Linear warm-up steps (default: a tenth of the run).", show_default=False
-        ),
-    ] = None,
-    schedule: Annotated[
-        Schedule, _opt("--schedule", help="Learning-rate schedule after warm-up.")
-    ] = Schedule("cosine"),
-    loss: Annotated[
-        Loss | None,
-        _opt(
-            "--loss",
-            help="Tokens with loss: answer (prompt masked; default) or all "
-            "(plain corpora; default with --full).",
-            show_default=False,
-        ),
-    ] = None,
-    chat_template: Annotated[
-        bool,
-        _opt(
-            "--chat-template",
-            help="Format prompt and answer with the base "
-            "tokenizer's chat template (eval takes the same flag).",
-        ),
-    ] = False,
-    until_accuracy: Annotated[
-        float | None,
-        _opt(
-            "--until-accuracy",
-            callback=_finite,
-            metavar="X",
-            help="Stop once greedy exact match on a sample of "
-            "the training examples reaches X; exit 3 if the run ends below it.",
-            show_default=False,
-        ),
-    ] = None,
-    check_every: Annotated[int, _opt("--check-every", min=1, help="Steps between accuracy checks.")] = 50,
-    check_sample: Annotated[
-        int, _opt("--check-sample", min=1, help="Training examples per accuracy check.")
-    ] = 256,
-    seed: Annotated[
-        int,
-        _opt(
-            "--seed",
-            min=0,
-            max=MAX_SEED,
-            help="Seed of initialisation and data order: same seed, same bytes.",
-        ),
-    ] = 0,
-    device: Annotated[
-        str,
-        _opt("--device", metavar="auto|cpu|cuda[:N]", help="Where to train; auto picks CUDA when present."),
-    ] = "auto",
-    dtype: Annotated[
-        Dtype | None, _opt("--dtype", help="Weights' dtype (default: the base's).", show_default=False)
-    ] = None,
-    max_length: Annotated[
-        int,
-        _opt("--max-length", min=2, help="Longest line in tokens; longer prompts lose tokens on the left."),
-    ] = 256,
-    log_every: Annotated[int, _opt("--log-every", min=1, help="Steps between train_log.jsonl lines.")] = 10,
     resume: Annotated[
         bool, _opt("--resume", help="Continue from the checkpoint an interrupted run left in OUT.ckpt/.")
-    ] = False,
-    trust_remote_code: Annotated[
-        bool, _opt("--trust-remote-code", help="Allow the base's own Python code (off by default).")
     ] = False,
     force: Force = False,
     quiet: Quiet = False,
@@ -546,48 +442,10 @@ def train(
 
         transformers_logging.disable_progress_bar()  # the env variable is read once, at import
         transformers_logging.set_verbosity_error()
-    from lrtool.train import (
-        Distributed,
-        TrainSettings,
-        check_reached,
-        checkpoint_dir,
-        recover_checkpoint,
-        remove_checkpoint,
-    )
+    from lrtool.train import Distributed, check_reached, checkpoint_dir, recover_checkpoint, remove_checkpoint
     from lrtool.train import train as run_training
 
-    settings = TrainSettings(
-        data=data,
-        base=base,
-        full=full,
-        rank=rank,
-        alpha=alpha,
-        rslora=rslora,
-        dropout=dropout,
-        targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
-        init=init.value,
-        train_tokens=train_tokens,
-        vocab_from=vocab_from or [],
-        lr=lr,
-        weight_decay=weight_decay,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        warmup=warmup,
-        schedule=schedule.value,
-        seed=seed,
-        device=device,
-        dtype=dtype.value if dtype else None,
-        max_length=max_length,
-        loss=loss.value if loss else None,
-        chat_template=chat_template,
-        until_accuracy=until_accuracy,
-        check_every=check_every,
-        check_sample=check_sample,
-        log_every=log_every,
-        trust_remote_code=trust_remote_code,
-    ).resolved()
+    settings = settings.resolved()
     is_main = Distributed.from_env().is_main
     inputs = [*settings.data, *settings.vocab_from, settings.base]
     outputs.check_output_free(out, force, inputs, directory=True)
@@ -609,7 +467,7 @@ def train(
             checkpoint=checkpoint,
         )
     if is_main:
-        remove_checkpoint(Path(out))
+        remove_checkpoint(checkpoint)
         accuracy = "" if result.accuracy is None else f", exact match {result.accuracy:.3f}"
         log.info(
             "trained %d steps on %d examples in %.1f s (%.0f tokens/s), loss %.4f%s",
@@ -1012,6 +870,9 @@ def _eval_epilog() -> str:
         "-o report.json",
     ]
     return "\n\n".join(paragraphs)
+
+
+Dtype = _split_enum("Dtype", DTYPES)  # eval loads the base in a dtype train offers
 
 
 @app.command("eval", epilog=_eval_epilog())

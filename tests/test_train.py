@@ -461,7 +461,7 @@ def test_torchrun_with_two_processes_gives_the_single_process_adapter(world, bas
 def test_a_signal_in_the_middle_of_a_step_stops_at_the_step_boundary_and_resumes_exactly(
     world, base, cli, tmp_path, monkeypatch
 ):
-    import lrtool.train as training
+    import lrtool.train.loop as training  # the step loop's own _token_loss_sum
 
     args = [
         "train",
@@ -532,3 +532,43 @@ def test_a_base_with_only_pickled_weights_is_refused_and_never_unpickled(base, c
         "train", str(tmp_path / "d.jsonl"), "--base", str(pickled), "-o", str(tmp_path / "out")
     )
     assert code == 1 and err.startswith("Error: cannot load base") and not marker.exists()
+
+
+def test_every_settings_field_is_one_train_option_with_the_fields_default():
+    """cli.py declares no train option of its own: each TrainSettings field is exactly one parameter of
+    `lrtool train`, spelled and described as the field's Flag says, with the field's default."""
+    from dataclasses import MISSING, fields
+
+    import typer
+
+    from lrtool.cli import app
+    from lrtool.train import TrainSettings
+    from lrtool.train.settings import FLAG
+
+    command = typer.main.get_command(app).commands["train"]
+    names = [p.name for p in command.params]
+    own = {"out", "resume", "force", "quiet", "verbose"}  # options of the command line, not of training
+    assert sorted(n for n in names if n not in own) == sorted(f.name for f in fields(TrainSettings))
+    assert len(names) == len(set(names))
+    for setting in fields(TrainSettings):
+        param, flag = command.params[names.index(setting.name)], setting.metadata[FLAG]
+        assert param.param_type_name == ("option" if flag.flags else "argument"), setting.name
+        assert (tuple(param.opts) if flag.flags else ()) == flag.flags and param.help == flag.help
+        if setting.default is MISSING and setting.default_factory is MISSING:
+            assert param.required, setting.name
+        else:
+            default = setting.default if setting.default_factory is MISSING else setting.default_factory()
+            assert getattr(param.default, "value", param.default) == default, setting.name  # choices by value
+
+
+def test_resolved_settings_fill_the_defaults_that_depend_on_full_once():
+    from lrtool.train import TrainSettings
+
+    def defaults(s):
+        return s.lr, s.weight_decay, s.batch_size, s.loss, s.epochs, s.alpha
+
+    full = TrainSettings(data=["x.jsonl"], base="tiny", full=True).resolved()
+    lora = TrainSettings(data=["x.jsonl"], base="base/", rank=8, max_steps=5).resolved()
+    assert defaults(full) == (1e-3, 0.1, 128, "all", 20.0, 32.0)
+    assert defaults(lora) == (5e-4, 0.0, 64, "answer", None, 16.0)
+    assert lora.resolved() is lora
