@@ -1,7 +1,7 @@
 """Batched greedy generation and teacher-forced log-likelihoods for a causal LM, adapters applied by a plan.
 
 Reads nothing from disk: takes a loaded model (and, for systems that share a base, the `AdapterEngine` with
-the batch's `Plan`) and token ids made by lrtool.formatting. Rows are left-padded and positions counted from
+the batch's `Plan`) and token ids made by lrtool.encoding. Rows are left-padded and positions counted from
 each row's first real token, so padding never reaches attention or positions: a row's result does not
 depend on what else is in its batch (up to float rounding). Generation keeps the KV cache, stops a row at
 its first stop token (or after `max_new_tokens`) and drops finished rows once they are half the batch.

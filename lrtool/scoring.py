@@ -6,7 +6,7 @@ loop: one teacher-forced forward pass over `prompt + answer + EOS` and an argmax
 Reads nothing; used by `train --until-accuracy` and by eval.
 """
 
-from lrtool.formatting import IGNORE, collate
+from lrtool.encoding import IGNORE, collate
 
 
 def exact_match(

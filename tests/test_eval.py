@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO
 from helpers import peft_model, save_random_peft_adapter, save_tiny_llama
-from lrtool.formatting import answer_ids, decode_answer, prompt_ids
+from lrtool.encoding import answer_ids, decode_answer, prompt_ids
 
 torch.set_num_threads(1)
 

@@ -383,7 +383,7 @@ def test_a_directory_output_cannot_be_stdout(cli, env, tmp_path, monkeypatch, ve
 
 def test_a_huge_prompt_is_cut_to_the_tail_truncation_keeps_before_tokenizing(env, monkeypatch):
     import lrtool.train.setup as training  # where encode_line looks up encode_example
-    from lrtool.formatting import encode_example
+    from lrtool.encoding import encode_example
     from lrtool.models import load_base
 
     _, tokenizer = load_base(str(env.base))

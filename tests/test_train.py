@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from lrtool.formatting import word_ids
+from lrtool.encoding import word_ids
 
 torch.set_num_threads(1)
 
@@ -77,7 +77,7 @@ def lines(path, n=None):
 
 def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 4) -> str:
     """Plain transformers generation, independent of lrtool's teacher-forced scoring."""
-    from lrtool.formatting import decode_answer, prompt_ids
+    from lrtool.encoding import decode_answer, prompt_ids
 
     ids = torch.tensor([prompt_ids(tokenizer, prompt)])
     with torch.no_grad():

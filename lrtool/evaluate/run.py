@@ -193,7 +193,7 @@ class _Job:
     """Everything one loaded model scores: its systems x every example."""
 
     def __init__(self, loaded: Loaded, datasets: list[Dataset], pools: dict, settings: RunSettings):
-        from lrtool.formatting import answers_after, prompt_ids
+        from lrtool.encoding import answers_after, prompt_ids
 
         self.loaded, self.settings = loaded, settings
         tokenizer, chat = loaded.tokenizer, settings.chat_template
@@ -225,7 +225,7 @@ class _Job:
 
     def run(self, dist, advance) -> dict[tuple[int, int, int], Outcome]:
         from lrtool.decoding import continuation_logliks, greedy
-        from lrtool.formatting import decode_answer
+        from lrtool.encoding import decode_answer
 
         loaded, settings = self.loaded, self.settings
         tokenizer = loaded.tokenizer

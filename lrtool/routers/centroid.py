@@ -47,7 +47,7 @@ def parse_examples(items: list[str], names: list[str]) -> dict[str, str]:
 
 def build(inputs: BuildInputs) -> tuple[dict, dict[str, torch.Tensor]]:
     from lrtool.decoding import mean_hidden_states
-    from lrtool.formatting import prompt_ids
+    from lrtool.encoding import prompt_ids
     from lrtool.io import read_jsonl
     from lrtool.models import load_base
 

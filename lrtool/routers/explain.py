@@ -24,8 +24,8 @@ def explain(
     directory: str, data: list[str], base: str, batch_size: int = 64, chat_template: bool = False
 ) -> Iterator[dict]:
     from lrtool.adapters import match_module_names
+    from lrtool.encoding import prompt_ids
     from lrtool.evaluate.datasets import read_datasets
-    from lrtool.formatting import prompt_ids
     from lrtool.models import load_base, module_names
     from lrtool.routers.build import load_for_eval
 

@@ -88,8 +88,8 @@ def build(inputs: BuildInputs) -> tuple[dict, dict[str, torch.Tensor]]:
 def _objective(adapters: list[Adapter], examples: str, base: str):
     """w -> mean cross-entropy per answer token (EOS included) of the examples under the combined adapter."""
     from lrtool.decoding import continuation_logliks
+    from lrtool.encoding import answer_ids, prompt_ids
     from lrtool.engine import AdapterEngine, Plan
-    from lrtool.formatting import answer_ids, prompt_ids
     from lrtool.io import read_jsonl
     from lrtool.models import load_base
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from lrtool.encoding import IGNORE, collate
 from lrtool.errors import DivergedError
-from lrtool.formatting import IGNORE, collate
 from lrtool.train.checkpoint import load_checkpoint, save_checkpoint
 from lrtool.train.settings import TrainSettings
 from lrtool.train.setup import Distributed, Prepared

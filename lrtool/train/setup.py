@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lrtool import io
+from lrtool.encoding import IGNORE, encode_example, word_ids
 from lrtool.errors import InputError, UsageError
-from lrtool.formatting import IGNORE, encode_example, word_ids
 from lrtool.kernels import dispatch
 from lrtool.models import load_base, texts_of, tiny_preset
 from lrtool.train.output import SEEN_TOKENS
