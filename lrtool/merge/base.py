@@ -303,7 +303,7 @@ class MergePlan:
     dtype: torch.dtype  # what the stored factors are written in
     base: str | None  # the base the adapters name, when any does
     metadata: dict  # fan_in_fan_out, task_type: what the output adapter keeps
-    base_model: object | None = None  # an into_base.BaseModel when the merge goes into a base's weights
+    base_model: object | None = None  # a models.ModelFiles when the merge goes into a base's weights
     notes: list[str] = field(default_factory=list)
 
     def exact(self, name: str) -> Update:
@@ -374,7 +374,9 @@ class MergePlan:
         """Write the merge into `directory` (a PEFT adapter, or the base model with --into-base) and
         merge_report.json; return the receipt."""
         if self.base_model is not None:
-            rows = self.base_model.write(self, Path(directory))
+            from lrtool.merge.into_base import write_model
+
+            rows = write_model(self, self.base_model, Path(directory))
             report = self.report(rows, output="model")
             (Path(directory) / REPORT).write_text(dumps_report(report), encoding="utf-8")
             return report
@@ -610,9 +612,9 @@ def prepare(
     adapters = [load_adapter(path) for path in paths]
     base_model = None
     if into_base is not None:
-        from lrtool.merge.into_base import BaseModel
+        from lrtool.merge.into_base import open_base
 
-        base_model = BaseModel.open(into_base)
+        base_model = open_base(into_base)
         module_names = base_model.module_names
     else:  # without a base, the other adapters' dotted paths are the names to match
         module_names = sorted({name for a in adapters for name in a.modules if "." in name})
@@ -630,7 +632,9 @@ def prepare(
     # Also when no name is dotted (only kohya inputs, no base): the names would stay mangled.
     _check_names_matched(adapters, base_model.source if base_model is not None else None)
     if base_model is not None:
-        base_model.check(plan)
+        from lrtool.merge.into_base import check_fits
+
+        check_fits(plan, base_model)
         plan.base_model = base_model
     return plan
 
