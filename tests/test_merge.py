@@ -371,7 +371,7 @@ def test_negative_weights_with_a_normalising_method_get_a_note(loaded):
     density=st.floats(0.01, 1.0),
 )
 def test_keep_largest_keeps_the_largest_entries_earlier_ones_first_among_equals(values, density):
-    from lrtool.merge.magnitude_prune import keep_largest
+    from lrtool.merge.sparsify import keep_largest
 
     delta = torch.tensor(values, dtype=torch.float64).reshape(1, -1)
     assert np.array_equal(keep_largest(delta, density).numpy(), ref_keep_largest(delta.numpy(), density))

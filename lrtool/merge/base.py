@@ -69,6 +69,16 @@ class Parameter:
     storage: bool = False  # for rank: it sets the stored LoRA's rank, not the method's result
 
 
+# The --rank of a method whose result is dense (ties, dare-*, magnitude-prune): a storage rank.
+DENSE_RANK = Parameter(
+    "rank",
+    None,
+    "rank the dense result is stored at by truncated SVD (default: per module, the largest input rank; "
+    "at least min(out, in) is exact)",
+    storage=True,
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     """A merge's resolved parameters: weights (one per adapter) and the method's rank, density, seed."""

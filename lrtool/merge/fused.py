@@ -44,7 +44,7 @@ def stacked_updates(inputs: ModuleInputs, device: torch.device) -> torch.Tensor:
 
 def _merge(plan: MergePlan, inputs: ModuleInputs, device: torch.device, **kwargs):
     from lrtool.kernels.dense_merge import dense_merge
-    from lrtool.merge.dare_linear import drop_key
+    from lrtool.merge.sparsify import drop_key
 
     settings = plan.settings
     keys = None
