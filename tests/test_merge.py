@@ -16,7 +16,7 @@ from test_adapters import peft_layers, randomise_lora, tiny_llama
 from lrtool.adapters import Adapter, LoraModule, load_adapter
 from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError, UsageError
 from lrtool.merge import REGISTRY, describe_methods, get, parse_weights, plan_merge
-from lrtool.merge.base import rounded
+from lrtool.merge.receipt import rounded
 
 torch.set_num_threads(1)
 

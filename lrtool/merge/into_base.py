@@ -25,7 +25,8 @@ import torch
 from lrtool.adapters import all_finite
 from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError
 from lrtool.merge import fused
-from lrtool.merge.base import MergePlan, overflow_message, relative
+from lrtool.merge.base import overflow_message, relative
+from lrtool.merge.plan import MergePlan
 from lrtool.models import FLOATING, ModelFiles, item_size
 
 # The files of a model directory that are neither weights nor ours, copied as they are.

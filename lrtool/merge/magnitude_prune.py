@@ -2,7 +2,7 @@
 
 result = sum_i w_i keep_largest(dW_i, D), on dense [out, in] updates (sparsify.keep_largest). Among entries
 of equal magnitude the earlier one (row-major) is kept, so the result is deterministic. A dense result:
-stored at --rank by truncated SVD (see base.py), or added exactly with --into-base.
+stored at --rank by truncated SVD (see plan.py), or added exactly with --into-base.
 """
 
 import torch
