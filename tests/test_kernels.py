@@ -278,7 +278,8 @@ def test_dense_merge_reference_is_the_merge_methods_definition(kernels, method):
 def test_a_merge_plan_uses_the_kernel_where_kernels_run(device, kernels, monkeypatch, tmp_path):
     """exact() and --into-base through the kernel give what the methods' own files give."""
     from lrtool.adapters import load_adapter
-    from lrtool.merge import fused, plan_merge
+    from lrtool.merge import fused
+    from lrtool.merge.plan import plan_merge
 
     base_dir = save_tiny_llama(tmp_path / "base", ["a b c d e f g h"], hidden=32, layers=1)
     adapters = [

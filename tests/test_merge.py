@@ -15,7 +15,9 @@ from test_adapters import peft_layers, randomise_lora, tiny_llama
 
 from lrtool.adapters import Adapter, LoraModule, load_adapter
 from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError, UsageError
-from lrtool.merge import REGISTRY, describe_methods, get, parse_weights, plan_merge
+from lrtool.merge import REGISTRY, describe_methods, get
+from lrtool.merge.base import parse_weights
+from lrtool.merge.plan import plan_merge
 from lrtool.merge.receipt import rounded
 
 torch.set_num_threads(1)

@@ -70,26 +70,4 @@ def describe_methods() -> list[dict]:
     return [REGISTRY[name].describe() for name in REGISTRY]
 
 
-# The rest of the API lives in modules that import torch; it is loaded on first use (PEP 562).
-_API = {
-    "MergePlan": "plan",
-    "MergeResult": "plan",
-    "Method": "base",
-    "ModuleInputs": "base",
-    "Parameter": "base",
-    "Settings": "base",
-    "Update": "base",
-    "check_weights": "base",
-    "parse_weights": "base",
-    "plan_merge": "plan",
-    "summary_lines": "receipt",
-}
-
-
-def __getattr__(name: str):
-    if name in _API:
-        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["REGISTRY", "describe_methods", "get", *_API]
+__all__ = ["REGISTRY", "describe_methods", "get"]
