@@ -5,26 +5,21 @@ written into the output directory beside the merge. Per module: `error` = ||stor
 ||exact||_F (what storage lost: dtype rounding, truncation; 0 when exact is 0) and `from_linear` =
 ||exact - linear||_F / ||linear||_F (how far the method's definition is from the weighted sum of the
 updates), both computed in float64 from factors where the result is factored (lrtool.lowrank), densely
-otherwise; `norm` = ||exact||_F. Floats are rounded to DIGITS significant digits, non-finite ones written
-as null. Also here: the lines the CLI logs for people, and the inputs' sha256 for lrtool.json.
+otherwise; `norm` = ||exact||_F. Floats are rounded to DIGITS significant digits by lrtool.io.rounded
+(non-finite ones written as null; these figures are norms and their ratios, never -0.0, which it would
+write as 0.0). Also here: the lines the CLI logs for people, and the inputs' sha256 for lrtool.json.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from lrtool.io import dumps_report, sha256_path
+from lrtool.io import dumps_report, rounded, sha256_path
 from lrtool.models import ModelFiles
 
 REPORT = "merge_report.json"
 DIGITS = 6  # significant digits of the receipt's floats
 EXACT = 1e-6  # a stored module whose relative error is below this is reported as exact (float rounding)
-
-
-def rounded(value: float | None) -> float | None:
-    """`value` to DIGITS significant digits; None (JSON null) for None, NaN and inf, which JSON lacks."""
-    return None if value is None or not math.isfinite(value) else float(f"{value:.{DIGITS}g}")
 
 
 def build(plan, rows: dict[str, dict], into_base: ModelFiles | None = None) -> dict:
@@ -51,12 +46,12 @@ def build(plan, rows: dict[str, dict], into_base: ModelFiles | None = None) -> d
     departures = [row["from_linear"] for row in rows.values()]
     summary = {
         "modules": len(rows),
-        "error_max": rounded(errors[worst]),
+        "error_max": errors[worst],
         "error_max_module": worst,
-        "error_mean": rounded(sum(errors.values()) / len(errors)),
+        "error_mean": sum(errors.values()) / len(errors),
         "exact_modules": sum(error < EXACT for error in errors.values()),
-        "from_linear_max": rounded(max(departures)),
-        "from_linear_mean": rounded(sum(departures) / len(departures)),
+        "from_linear_max": max(departures),
+        "from_linear_mean": sum(departures) / len(departures),
     }
     if output == "adapter":
         summary["rank_max"] = max(row["rank"] for row in rows.values())
@@ -74,11 +69,8 @@ def build(plan, rows: dict[str, dict], into_base: ModelFiles | None = None) -> d
             "dtype": str(plan.dtype).removeprefix("torch.") if output == "adapter" else None,
             "base": plan.base,
         },
-        "modules": {
-            name: {k: rounded(v) if isinstance(v, float) else v for k, v in row.items()}
-            for name, row in rows.items()
-        },
-        "summary": summary,
+        "modules": rounded(rows, DIGITS),
+        "summary": rounded(summary, DIGITS),
         "notes": plan.notes + _result_notes(rows, output),
         "precision": f"floats rounded to {DIGITS} significant digits",
     }
@@ -94,7 +86,7 @@ def _result_notes(rows: dict[str, dict], output: str) -> list[str]:
         worst = max(truncated, key=lambda name: rows[name]["error"])
         notes.append(
             f"{len(truncated)} of {len(rows)} modules are stored at a rank below their full rank, an "
-            f"approximation of the method's result (largest error {rounded(rows[worst]['error'])} in "
+            f"approximation of the method's result (largest error {rounded(rows[worst]['error'], DIGITS)} in "
             f"{worst}); a --rank at least min(out, in) stores them exactly, --into-base adds the exact "
             "update"
         )
