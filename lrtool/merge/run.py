@@ -35,7 +35,8 @@ def run(
 ) -> dict:
     """Merge the adapters at `paths` with `method` into the directory `out` (into the weights of the model
     directory `into_base` when given) and return the receipt. Every check is done before anything is
-    written; a failure leaves no output. Raises UsageError, InputError or IncompatibleError (plan_merge)."""
+    written; a failure leaves no output. Raises UsageError, InputError or IncompatibleError (what plan_merge
+    and into_base refuse) and OutputExistsError (an output that is not free: io.check_output_free)."""
     inputs = [*paths, *([into_base] if into_base else [])]
     io.check_output_free(out, force, inputs, directory=True)  # before the work, so none is wasted
 
