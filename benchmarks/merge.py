@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from lrtool import lowrank
 from lrtool.adapters import Adapter, LoraModule, load_adapter, save_adapter
-from lrtool.merge import plan_merge
+from lrtool.merge.plan import plan_merge
 
 WIDTH, RANK, ADAPTERS = 4096, 16, 4
 SVD_MODULES = 5
@@ -241,9 +241,7 @@ def bench_into_base(tmp: Path) -> None:
         adapters.append(str(tmp / f"base-adapter-{i}"))
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
 
-    imports = in_fresh_process(
-        "import torch, lrtool.cli, lrtool.merge.base, lrtool.merge.into_base\nresult = {}"
-    )
+    imports = in_fresh_process("import torch, lrtool.cli, lrtool.merge.run\nresult = {}")
     copy = in_fresh_process(
         "from pathlib import Path\nfrom safetensors import safe_open\n"
         "from safetensors.torch import save_file\n"

@@ -631,34 +631,39 @@ def merge_command(
     _configure_logging(quiet, verbose)
     import time
 
-    from lrtool import merge as merging
+    from lrtool.merge import REGISTRY, describe_methods
 
     if list_methods:
         if adapters or out or method:
             raise UsageError("--list takes no adapters, -o or --method")
         with outputs.atomic_output_file(io.STDIO) as handle:
-            io.write_jsonl(merging.describe_methods(), handle)
+            io.write_jsonl(describe_methods(), handle)
         return
     if not adapters:
         raise UsageError("give the adapters to merge (or --list to see the methods)")
     if out is None:
         raise UsageError("give -o DIR, the output directory")
     if method is None:
-        raise UsageError(f"give --method, one of: {', '.join(merging.REGISTRY)}")
-    parsed_weights = merging.parse_weights(weights, len(adapters))
-    inputs = [*adapters, *([into_base] if into_base else [])]
-    outputs.check_output_free(out, force, inputs, directory=True)
+        raise UsageError(f"give --method, one of: {', '.join(REGISTRY)}")
+    from lrtool.merge.base import parse_weights
+    from lrtool.merge.receipt import summary_lines
+    from lrtool.merge.run import run
+
     started = time.perf_counter()
-    plan = merging.prepare(
-        adapters, method.value, parsed_weights, rank, density, seed, into_base, allow_base_mismatch
+    report = run(
+        adapters,
+        method.value,
+        out,
+        weights=parse_weights(weights, len(adapters)),
+        rank=rank,
+        density=density,
+        seed=seed,
+        into_base=into_base,
+        allow_base_mismatch=allow_base_mismatch,
+        force=force,
+        manifest=io.Manifest(["lrtool", *SESSION.argv], extra={"method": method.value}),
     )
-    manifest = io.Manifest(["lrtool", *SESSION.argv], plan.settings.seed, extra={"method": method.value})
-    with outputs.atomic_output_dir(out, force, inputs=inputs, manifest=manifest) as tmp:
-        report = plan.write(tmp)
-        manifest.inputs = {item["path"]: item["sha256"] for item in report["inputs"]}  # hashed once
-        if into_base:
-            manifest.inputs[into_base] = report["into_base"]["sha256"]
-    for line in merging.summary_lines(report):
+    for line in summary_lines(report):
         log.info("%s", line)
     log.info("wrote %s in %.1f s", out, time.perf_counter() - started)
     print(out)

@@ -255,7 +255,7 @@ def test_dense_merge_reference_is_the_merge_methods_definition(kernels, method):
     from lrtool.adapters import LoraModule
     from lrtool.merge import get
     from lrtool.merge.base import ModuleInputs
-    from lrtool.merge.dare_linear import drop_key
+    from lrtool.merge.sparsify import drop_key
 
     g = generator(5)
     modules = (
@@ -278,7 +278,8 @@ def test_dense_merge_reference_is_the_merge_methods_definition(kernels, method):
 def test_a_merge_plan_uses_the_kernel_where_kernels_run(device, kernels, monkeypatch, tmp_path):
     """exact() and --into-base through the kernel give what the methods' own files give."""
     from lrtool.adapters import load_adapter
-    from lrtool.merge import fused, plan_merge
+    from lrtool.merge import fused
+    from lrtool.merge.plan import plan_merge
 
     base_dir = save_tiny_llama(tmp_path / "base", ["a b c d e f g h"], hidden=32, layers=1)
     adapters = [
@@ -535,7 +536,7 @@ def test_lrtool_imports_without_triton_and_help_imports_neither_torch_nor_triton
 
 def test_merge_drops_use_the_counter_generator():
     """dare-*'s drop mask on the CPU is counter_rng's for its key: written out with numpy here."""
-    from lrtool.merge.dare_linear import drop_and_rescale, drop_key
+    from lrtool.merge.sparsify import drop_and_rescale, drop_key
 
     key = drop_key(3, "model.layers.0.mlp.up_proj", 1)
     delta = torch.randn(16, 24, generator=generator(8), dtype=torch.float64)

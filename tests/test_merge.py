@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from helpers import make_adapter_dirs, peft_layers, tiny_llama
 from lrtool.adapters import Adapter, LoraModule, load_adapter
 from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError, UsageError
-from lrtool.merge import REGISTRY, describe_methods, get, parse_weights, plan_merge
-from lrtool.merge.base import rounded
+from lrtool.merge import REGISTRY, describe_methods, get
+from lrtool.merge.base import parse_weights
+from lrtool.merge.plan import plan_merge
+from lrtool.merge.receipt import rounded
 
 torch.set_num_threads(1)
 
@@ -340,7 +342,7 @@ def test_negative_weights_with_a_normalising_method_get_a_note(loaded):
     density=st.floats(0.01, 1.0),
 )
 def test_keep_largest_keeps_the_largest_entries_earlier_ones_first_among_equals(values, density):
-    from lrtool.merge.magnitude_prune import keep_largest
+    from lrtool.merge.sparsify import keep_largest
 
     delta = torch.tensor(values, dtype=torch.float64).reshape(1, -1)
     assert np.array_equal(keep_largest(delta, density).numpy(), ref_keep_largest(delta.numpy(), density))

@@ -28,12 +28,12 @@ from lrtool.adapters.grammar import (
     PEFT_PREFIX,
     PEFT_WEIGHTS,
     PICKLE_SUFFIXES,
-    dtype_name,
     parse_key,
     tensor_feature,
 )
 from lrtool.adapters.survey import Survey
 from lrtool.errors import one_line
+from lrtool.models import dtype_name
 
 
 def survey(path: str | Path) -> Survey:

@@ -2,17 +2,18 @@
 
 Reads and writes nothing: names and patterns. How PEFT, kohya and diffusers name the two factors (A / down is
 [r, in], B / up is [out, r]) and alphas; which tensor keys and adapter_config.json fields carry more than
-delta W = scale * B @ A; how peft resolves rank_pattern / alpha_pattern keys; safetensors' dtype codes.
+delta W = scale * B @ A; how peft resolves rank_pattern / alpha_pattern keys.
 """
 
 from __future__ import annotations
 
 import re
 
+from lrtool.models import PICKLE_SUFFIXES  # noqa: F401 (re-exported: the adapter readers use it)
+
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # kohya's sd-scripts prefix module names with the component they adapt (text encoders, unet, DiT).
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
 KOHYA_BASE_KEYS = ("ss_sd_model_name", "ss_base_model_version")
@@ -62,21 +63,6 @@ CONFIG_FEATURES = (
 )
 # Inits that rewrite the base weights, so the adapter is not a delta on the original base.
 BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-# safetensors' dtype codes, named as torch names them.
-DTYPE_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
 
 
 def parse_key(key: str) -> tuple[str, re.Match | None]:
@@ -117,7 +103,3 @@ def pattern_key(patterns, module: str) -> str:
         if re.match(rf"(.*\.)?({key})$", module):
             return key
     return module
-
-
-def dtype_name(code: str) -> str:
-    return DTYPE_NAMES.get(code, code.lower())

@@ -3,7 +3,8 @@ and will several of them interfere when merged. `diagnose(paths, base)` returns 
 `lrtool diagnose` prints, as plain data.
 
     findings.py   the finding codes, their severities and thresholds (the table the help lists)
-    reading.py    read adapters (PEFT, kohya, diffusers) and a base without refusing anything: findings
+    reading.py    read adapters (PEFT, kohya, diffusers) without refusing anything: findings
+    base_check.py an adapter against its --base (read through lrtool.models.ModelFiles): shapes, norms
     figures.py    spectra and pairwise figures from the factors, never a dense dW (but for sign conflicts)
     report.py     the report: every input, every module, every pair
     render.py     for people: the rows of --table and the picture of --plot

@@ -12,6 +12,7 @@ import torch
 
 from lrtool import io
 from lrtool.adapters import same_base
+from lrtool.diagnose.base_check import BaseWeights, check_base, rename_modules
 from lrtool.diagnose.figures import (
     AGREEING_COSINE,
     LOSSY_FACTOR_AVG,
@@ -29,7 +30,7 @@ from lrtool.diagnose.findings import (
     SEVERITIES,
     ZERO_UPDATE_TOLERANCE,
 )
-from lrtool.diagnose.reading import AdapterInput, BaseWeights, check_base, read_adapter, rename_modules
+from lrtool.diagnose.reading import AdapterInput, read_adapter
 from lrtool.diagnose.render import pair_order
 from lrtool.errors import InputError, one_line
 

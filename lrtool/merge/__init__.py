@@ -1,16 +1,24 @@
 """Merge methods: combine LoRA adapters into one adapter (or into a base model's weights), exactly.
 
 Each method is one small file in this package that defines `METHOD` (a `base.Method`: its name, a one-line
-summary, its parameters and its computation on one module), registered by name in `REGISTRY` below. The
-shared machinery (lining adapters up by module, weights, storing the result as a LoRA, the receipt) is in
-`base.py`; adding a base model's weights (`--into-base`) is in `into_base.py`.
+summary, its parameters and its computation on one module), registered by name in `REGISTRY` below. A
+method file imports only base.py and sparsify.py. The rest, from the bottom up:
 
-    from lrtool.merge import plan_merge
+    base.py        what a method is made of: Method, Parameter, Settings, ModuleInputs, Update
+    sparsify.py    trim, drop and elect, the steps ties, dare-*, magnitude-prune and knots share
+    fused.py       the dense methods through the fused kernel where kernels run (a CUDA device)
+    receipt.py     merge_report.json: the receipt, its summary lines, the inputs' sha256
+    plan.py        plan_merge: every check, modules lined up; each module computed and stored as a LoRA
+    into_base.py   --into-base: the exact update added to a Hugging Face model directory's weights
+    run.py         one merge top down, as `lrtool merge` runs it: load -> plan -> write -> receipt
+
+    from lrtool.merge.plan import plan_merge
     plan = plan_merge([load_adapter("a/"), load_adapter("b/")], "ties", density=0.3)
     result = plan.to_adapter()      # result.adapter: the stored LoRA; result.report: the receipt
 
 Importing this package is cheap (no torch): `REGISTRY` lists the names without importing the method files,
-so the command line can offer them as choices; looking a method up imports its file.
+so the command line can offer them as choices; looking a method up imports its file. Reads and writes
+nothing.
 """
 
 import importlib
@@ -62,29 +70,4 @@ def describe_methods() -> list[dict]:
     return [REGISTRY[name].describe() for name in REGISTRY]
 
 
-# The rest of the API lives in base.py, which imports torch; it is loaded on first use (PEP 562).
-_API = (
-    "MergePlan",
-    "MergeResult",
-    "Method",
-    "ModuleInputs",
-    "Parameter",
-    "Settings",
-    "Update",
-    "check_weights",
-    "parse_weights",
-    "plan_merge",
-    "prepare",
-    "summary_lines",
-)
-
-
-def __getattr__(name: str):
-    if name in _API:
-        from lrtool.merge import base
-
-        return getattr(base, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["REGISTRY", "describe_methods", "get", *_API]
+__all__ = ["REGISTRY", "describe_methods", "get"]

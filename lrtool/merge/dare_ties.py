@@ -1,14 +1,12 @@
-"""dare-ties: DARE's random drop and rescale (dare_linear.py: each entry of dW_i kept with probability D and
-divided by D, seeded by --seed, module and adapter index), then TIES' sign election and disjoint mean with
-weights (ties.py, mergekit's conventions) instead of a plain sum.
+"""dare-ties: DARE's random drop and rescale (each entry of dW_i kept with probability D and divided by D,
+seeded by --seed, module and adapter index: sparsify.dropped), then TIES' sign election and disjoint mean
+with weights (sparsify.elect_and_average, mergekit's conventions) instead of a plain sum.
 """
 
 import torch
 
-from lrtool.merge.base import Method, ModuleInputs, Settings, Update
-from lrtool.merge.dare_linear import NOTE, SEED, dropped
-from lrtool.merge.magnitude_prune import DENSITY, RANK
-from lrtool.merge.ties import elect_and_average
+from lrtool.merge.base import DENSE_RANK, Method, ModuleInputs, Settings, Update
+from lrtool.merge.sparsify import DENSITY, DROP_NOTE, SEED, dropped, elect_and_average
 
 
 def dare_ties(module: ModuleInputs, settings: Settings) -> Update:
@@ -19,7 +17,7 @@ METHOD = Method(
     name="dare-ties",
     summary="DARE's random drop and rescale of each dW_i, then TIES' sign election and mean (dense)",
     compute=dare_ties,
-    parameters=(DENSITY, SEED, RANK),
+    parameters=(DENSITY, SEED, DENSE_RANK),
     divides_by_weights=True,
-    notes=(NOTE,),
+    notes=(DROP_NOTE,),
 )

@@ -6,6 +6,8 @@ pass adds the update to the base weight, casts it to the weight's dtype and sums
 needs, so neither the float64 update nor the float64 sum is written. Elsewhere (the CPU), the methods' own
 files compute them: they are the reference the kernel is tested against, and they draw DARE's drops from the
 same counter-based generator, so both paths keep the same entries for one seed.
+
+Reads and writes tensors only. `plan` is a plan.MergePlan (which calls this module: it is not imported here).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import torch
 
 from lrtool.errors import InputError
 from lrtool.kernels import dispatch
-from lrtool.merge.base import MergePlan, ModuleInputs, Update, overflow_message, relative
+from lrtool.merge.base import ModuleInputs, Update, overflow_message, relative
+from lrtool.merge.sparsify import drop_key
 
 
-def device_for(plan: MergePlan, into_base: bool) -> torch.device | None:
+def device_for(plan, into_base: bool) -> torch.device | None:
     """The device the fused kernel merges `plan` on; None when the method's own file computes it. linear
     goes through the kernel only into a base: stored as an adapter it is factored, with no dense pass."""
     if plan.method.name == "linear" and not into_base:
@@ -42,9 +45,8 @@ def stacked_updates(inputs: ModuleInputs, device: torch.device) -> torch.Tensor:
     return deltas
 
 
-def _merge(plan: MergePlan, inputs: ModuleInputs, device: torch.device, **kwargs):
+def _merge(plan, inputs: ModuleInputs, device: torch.device, **kwargs):
     from lrtool.kernels.dense_merge import dense_merge
-    from lrtool.merge.dare_linear import drop_key
 
     settings = plan.settings
     keys = None
@@ -55,15 +57,13 @@ def _merge(plan: MergePlan, inputs: ModuleInputs, device: torch.device, **kwargs
     return dense_merge(deltas, settings.weights, plan.method.name, density, keys, **kwargs)
 
 
-def exact(plan: MergePlan, name: str, device: torch.device) -> Update:
+def exact(plan, name: str, device: torch.device) -> Update:
     """The method's result for module `name`, computed by the kernel (float64, back on the CPU)."""
     update, _ = _merge(plan, plan.inputs[name], device)
     return Update.dense(update.cpu())
 
 
-def into_base(
-    plan: MergePlan, name: str, weight: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, dict]:
+def into_base(plan, name: str, weight: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict]:
     """(weight + the update, cast to the weight's dtype; the receipt's row), in one pass of the kernel."""
     base = weight.to(device)
     merged = torch.empty_like(base)

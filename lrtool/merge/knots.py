@@ -7,8 +7,8 @@ Per module, with dW_i = s_i B_i A_i ([out, in]; zero where adapter i lacks the m
    keeping the k singular values above S_max * max(out, n * in) * eps(float64) (the numerical rank, at most
    sum_i r_i), so that dW_i = U diag(S) V_i^T with each V_i^T = diag(S)^-1 U^T dW_i [k, in] task i's
    coordinates (exactly zero for an adapter lacking the module);
-2. merge the coordinates with TIES (ties.py, mergekit's conventions, density D, the weights w_i):
-   V^T = ties(V_1^T, ..., V_n^T), trimming int(D * k * in) entries per task;
+2. merge the coordinates with TIES (sparsify.ties_merge, as ties.py: mergekit's conventions, density D,
+   the weights w_i): V^T = ties(V_1^T, ..., V_n^T), trimming int(D * k * in) entries per task;
 3. map back: result = U diag(S) V^T, of rank at most k: stored exactly, balanced as B = U diag(sqrt(S)),
    A = diag(sqrt(S)) V^T (or at --rank K, its best rank-K approximation).
 The SVD is computed from the factors: the concatenation equals [s_1 B_1 | ...] blockdiag(A_1, ..., A_n); a
@@ -19,8 +19,7 @@ QR of the stacked B's, a QR of each A_i^T and an SVD of the small core give U, S
 import torch
 
 from lrtool.merge.base import Method, ModuleInputs, Parameter, Settings, Update
-from lrtool.merge.magnitude_prune import DENSITY, keep_largest
-from lrtool.merge.ties import elect_and_average
+from lrtool.merge.sparsify import DENSITY, ties_merge
 
 RANK = Parameter(
     "rank",
@@ -50,9 +49,10 @@ def shared_basis(module: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def knots(module: ModuleInputs, settings: Settings) -> Update:
     U, S, coordinates = shared_basis(module)
-    trimmed = torch.stack([keep_largest(v, settings.density) for v in coordinates])
     root = S.sqrt()  # balanced factors, as base.balanced stores a truncated SVD
-    return Update.factored(U * root, root[:, None] * elect_and_average(trimmed, module.weights))
+    return Update.factored(
+        U * root, root[:, None] * ties_merge(coordinates, module.weights, settings.density)
+    )
 
 
 METHOD = Method(

@@ -1,0 +1,76 @@
+"""One merge, top down: load -> plan -> write -> receipt. What `lrtool merge` runs.
+
+Reads the adapters (lrtool.adapters) and, with --into-base, the base's safetensors (lrtool.models.ModelFiles);
+writes the output directory atomically (lrtool.outputs): a PEFT adapter (plan.py) or the base model with the
+update added (into_base.py), merge_report.json (receipt.py) and lrtool.json (the manifest the caller gives,
+its seed and inputs' sha256 filled in here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from lrtool import io, outputs
+from lrtool.adapters import load_adapter
+from lrtool.merge import receipt
+from lrtool.merge.base import Method
+from lrtool.merge.into_base import check_fits, open_base, write_model
+from lrtool.merge.plan import check_names_matched, match_names, plan_merge
+
+
+def run(
+    paths: Sequence[str],
+    method: str | Method,
+    out: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int | None = None,
+    into_base: str | None = None,
+    allow_base_mismatch: bool = False,
+    force: bool = False,
+    manifest: io.Manifest | None = None,
+) -> dict:
+    """Merge the adapters at `paths` with `method` into the directory `out` (into the weights of the model
+    directory `into_base` when given) and return the receipt. Every check is done before anything is
+    written; a failure leaves no output. Raises UsageError, InputError or IncompatibleError (what plan_merge
+    and into_base refuse) and OutputExistsError (an output that is not free: outputs.check_output_free)."""
+    inputs = [*paths, *([into_base] if into_base else [])]
+    outputs.check_output_free(out, force, inputs, directory=True)  # before the work, so none is wasted
+
+    # load
+    adapters = [load_adapter(path) for path in paths]
+    base = open_base(into_base) if into_base is not None else None
+
+    # plan: every check, nothing computed
+    adapters = match_names(adapters, base)
+    plan = plan_merge(
+        adapters,
+        method,
+        weights,
+        rank,
+        density,
+        seed,
+        into_base=base is not None,
+        allow_base_mismatch=allow_base_mismatch,
+    )
+    check_names_matched(adapters, base)  # also when no name is dotted (only kohya inputs, no base)
+    if base is not None:
+        check_fits(plan, base)
+    if manifest is not None:
+        manifest.seed = plan.settings.seed
+
+    # write, module by module, and the receipt
+    with outputs.atomic_output_dir(out, force, inputs=inputs, manifest=manifest) as directory:
+        if base is None:
+            result = plan.to_adapter()  # every module computed and stored, and the receipt
+            result.save(directory)
+            report = result.report
+        else:
+            report = receipt.build(plan, write_model(plan, base, directory), into_base=base)
+            receipt.write(report, directory)
+        if manifest is not None:
+            manifest.inputs = receipt.input_hashes(report, into_base)  # hashed once, for the receipt
+    return report
