@@ -126,14 +126,18 @@ def apply_reference(x, y, A_all, B_all, indices, weights=None) -> None:
 if triton is not None:
 
     @triton.jit
-    def _adapter_tokens(order_ptr, counts_ptr, starts_ptr, slot, adapter, adapters, tokens, block_t, BLOCK_T):
-        """(how many tokens chose `adapter` in `slot`, the block_t-th BLOCK_T of them, which are real)."""
+    def _program(order_ptr, counts_ptr, starts_ptr, slot, adapters, tokens, size, BLOCK_T, BLOCK):
+        """This program's adapter (axis 1), its block along `size` (axis 0 mod the blocks), how many tokens
+        chose the adapter in `slot`, and the block of BLOCK_T of them (axis 0 div) with which are real."""
+        blocks = tl.cdiv(size, BLOCK)
+        block_t = tl.program_id(0) // blocks
+        adapter = tl.program_id(1)
         count = tl.load(counts_ptr + slot * adapters + adapter)
         start = tl.load(starts_ptr + slot * adapters + adapter)
         offsets = block_t * BLOCK_T + tl.arange(0, BLOCK_T)
         mine = offsets < count
         token = tl.load(order_ptr + slot * tokens + start + offsets, mask=mine, other=0)
-        return count, token, mine
+        return adapter, tl.program_id(0) % blocks, block_t * BLOCK_T < count, token, mine
 
     @triton.jit
     def _shrink_kernel(
@@ -163,15 +167,11 @@ if triton is not None:
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        rank_blocks = tl.cdiv(rank, BLOCK_R)
-        block_t = tl.program_id(0) // rank_blocks
-        block_r = tl.program_id(0) % rank_blocks
-        adapter = tl.program_id(1)
         slot = tl.program_id(2)
-        count, token, mine = _adapter_tokens(
-            order_ptr, counts_ptr, starts_ptr, slot, adapter, adapters, tokens, block_t, BLOCK_T
+        adapter, block_r, active, token, mine = _program(
+            order_ptr, counts_ptr, starts_ptr, slot, adapters, tokens, rank, BLOCK_T, BLOCK_R
         )
-        if block_t * BLOCK_T >= count:
+        if active == 0:
             return
         r = block_r * BLOCK_R + tl.arange(0, BLOCK_R)
         h = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
@@ -225,14 +225,10 @@ if triton is not None:
         BLOCK_O: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):
-        out_blocks = tl.cdiv(out_features, BLOCK_O)
-        block_t = tl.program_id(0) // out_blocks
-        block_o = tl.program_id(0) % out_blocks
-        adapter = tl.program_id(1)
-        count, token, mine = _adapter_tokens(
-            order_ptr, counts_ptr, starts_ptr, slot, adapter, adapters, tokens, block_t, BLOCK_T
+        adapter, block_o, active, token, mine = _program(
+            order_ptr, counts_ptr, starts_ptr, slot, adapters, tokens, out_features, BLOCK_T, BLOCK_O
         )
-        if block_t * BLOCK_T >= count:
+        if active == 0:
             return
         o = block_o * BLOCK_O + tl.arange(0, BLOCK_O)
         b_base = b_ptr + adapter.to(tl.int64) * b_stride_e

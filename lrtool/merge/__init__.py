@@ -21,10 +21,7 @@ so the command line can offer them as choices; looking a method up imports its f
 nothing.
 """
 
-import importlib
-from collections.abc import Iterator, Mapping
-
-from lrtool.errors import UsageError
+from lrtool.registry import Registry
 
 # name -> the file (module of this package) that defines its METHOD. Names are what `--method` takes.
 _FILES = {
@@ -37,37 +34,8 @@ _FILES = {
     "magnitude-prune": "magnitude_prune",
     "knots": "knots",
 }
-
-
-class _Registry(Mapping):
-    """name -> Method, importing a method's file (and with it torch) only when the method is looked up."""
-
-    def __init__(self, files: dict[str, str]):
-        self._files = dict(files)
-
-    def __getitem__(self, name: str):
-        return importlib.import_module(f"{__name__}.{self._files[name]}").METHOD
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._files)
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-
-REGISTRY = _Registry(_FILES)
-
-
-def get(name: str):
-    """The registered method called `name`; a usage error listing the valid names when there is none."""
-    if name not in REGISTRY:
-        raise UsageError(f"unknown merge method {name!r}; choose one of: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
-
-
-def describe_methods() -> list[dict]:
-    """One JSON-ready object per method, in registry order: name, summary, parameters (default, help)."""
-    return [REGISTRY[name].describe() for name in REGISTRY]
-
+REGISTRY = Registry(__name__, _FILES, "merge method")
+get = REGISTRY.get
+describe_methods = REGISTRY.describe
 
 __all__ = ["REGISTRY", "describe_methods", "get"]

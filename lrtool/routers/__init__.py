@@ -13,37 +13,11 @@ router directory's format and the shared parts are in `base.py`.
 Importing this package is cheap (no torch): `REGISTRY` lists the names without importing the router files.
 """
 
-import importlib
-from collections.abc import Iterator, Mapping
-
-from lrtool.errors import UsageError
+from lrtool.registry import Registry
 
 _FILES = {name: name for name in ("arrow", "uniform", "centroid", "lorahub", "oracle")}
+REGISTRY = Registry(__name__, _FILES, "router")
+get = REGISTRY.get
+describe_routers = REGISTRY.describe
 
-
-class _Registry(Mapping):
-    """name -> RouterMethod, importing a router's file (and with it torch) only when it is looked up."""
-
-    def __getitem__(self, name: str):
-        return importlib.import_module(f"{__name__}.{_FILES[name]}").METHOD
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_FILES)
-
-    def __len__(self) -> int:
-        return len(_FILES)
-
-
-REGISTRY = _Registry()
-
-
-def get(name: str):
-    """The registered router called `name`; a usage error listing the valid names when there is none."""
-    if name not in REGISTRY:
-        raise UsageError(f"unknown router {name!r}; choose one of: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
-
-
-def describe_routers() -> list[dict]:
-    """Each router's name, summary and parameters, as `lrtool route --list` prints them."""
-    return [REGISTRY[name].describe() for name in REGISTRY]
+__all__ = ["REGISTRY", "describe_routers", "get"]

@@ -256,6 +256,16 @@ class RowMixture(TokenRouter):
         return RowMixture(self.indices[rows], self.row_weights[rows])
 
 
+def adapter_named(text: str, names: list[str], flag: str) -> str:
+    """The adapter a flag's value names, by its name or by its path; a usage error listing the names."""
+    wanted = text.strip().rstrip("/")
+    stem = wanted.rsplit("/", 1)[-1].removesuffix(".safetensors")
+    for name in names:
+        if name in (wanted, stem):
+            return name
+    raise UsageError(f"{flag}: no adapter is called {wanted!r} (adapters: {', '.join(names)})")
+
+
 def check_options(method: RouterMethod, options: dict) -> None:
     """Refuse route options the method does not take (a usage error naming the method's parameters)."""
     taken = {p.name for p in method.parameters}

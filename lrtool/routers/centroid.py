@@ -20,6 +20,7 @@ from lrtool.routers.base import (
     Routing,
     RoutingContext,
     RowMixture,
+    adapter_named,
 )
 
 
@@ -28,17 +29,9 @@ def parse_examples(items: list[str], names: list[str]) -> dict[str, str]:
     files = {}
     for item in items:
         adapter, equals, path = item.partition("=")
-        adapter = adapter.strip().rstrip("/")
-        matches = [
-            n for n in names if n == adapter or n == adapter.rsplit("/", 1)[-1].removesuffix(".safetensors")
-        ]
         if not equals or not path.strip():
             raise UsageError(f"--examples takes ADAPTER=FILE.jsonl for router centroid; got {item!r}")
-        if not matches:
-            raise UsageError(
-                f"--examples {item}: no adapter is called {adapter!r} (adapters: {', '.join(names)})"
-            )
-        files[matches[0]] = path.strip()
+        files[adapter_named(adapter, names, f"--examples {item}")] = path.strip()
     missing = [n for n in names if n not in files]
     if missing:
         raise UsageError(f"router centroid needs --examples for every adapter; none for {', '.join(missing)}")

@@ -18,6 +18,7 @@ from lrtool.routers.base import (
     Routing,
     RoutingContext,
     RowMixture,
+    adapter_named,
 )
 
 
@@ -28,13 +29,7 @@ def parse_map(text: str, names: list[str]) -> dict[str, str]:
         value, equals, adapter = item.partition("=")
         if not equals or not value.strip() or not adapter.strip():
             raise UsageError(f"--map takes VALUE=ADAPTER,...; got {item!r}")
-        adapter = adapter.strip().rstrip("/")
-        matches = [
-            n for n in names if n == adapter or n == adapter.rsplit("/", 1)[-1].removesuffix(".safetensors")
-        ]
-        if not matches:
-            raise UsageError(f"--map {item}: no adapter is called {adapter!r} (adapters: {', '.join(names)})")
-        mapping[value.strip()] = matches[0]
+        mapping[value.strip()] = adapter_named(adapter, names, f"--map {item}")
     return mapping
 
 
