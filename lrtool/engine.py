@@ -318,23 +318,38 @@ class AdapterEngine:
         """y[t] += sum_j weights[t, j] * delta_{indices[t, j]}(x[t]) for x [n, in], indices/weights [n, k].
 
         The (token, slot) pairs are sorted by adapter (a stable sort, then counts and starts, as vLLM's
-        LoRA kernels arrange them); each chosen adapter computes only its own tokens.
+        LoRA kernels arrange them); each chosen adapter computes only its own tokens. When the groups are
+        about even (routers spread tokens), they are laid out in one zero-padded block per adapter and
+        computed in two batched matmuls, a constant number of operations whatever the number of adapters;
+        otherwise one pair of small matmuls per chosen adapter.
         """
-        slots = self.factors[module]
+        A_all, B_all = self.stacks[module]
+        none = A_all.shape[0] - 1  # the all-zero slot: "no adapter"
         flat = indices.reshape(-1)
+        flat = torch.where(flat < 0, torch.full_like(flat, none), flat)
         order = torch.argsort(flat, stable=True)
-        chosen, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        k = indices.shape[1]
-        start = 0
-        for adapter, count in zip(chosen.tolist(), counts.tolist()):
-            pairs = order[start : start + count]
+        grouped = flat[order]
+        counts = torch.bincount(grouped, minlength=none + 1)
+        tokens = order // indices.shape[1]
+        pair_weights = weights.reshape(-1)[order].to(x.dtype)
+        widest = int(counts.max())
+        if widest * (none + 1) <= 2 * len(flat):  # little padding: one batched pass for every adapter
+            starts = torch.cumsum(counts, 0) - counts
+            cells = grouped * widest + (torch.arange(len(grouped), device=x.device) - starts[grouped])
+            rows = torch.zeros((none + 1) * widest, x.shape[1], dtype=x.dtype, device=x.device)
+            rows[cells] = x[tokens]
+            out = torch.bmm(torch.bmm(rows.view(none + 1, widest, -1), A_all), B_all)
+            y.index_add_(0, tokens, out.view(-1, y.shape[1])[cells] * pair_weights[:, None])
+            return
+        slots, start = self.factors[module], 0
+        for adapter, count in enumerate(counts.tolist()):
+            pairs = slice(start, start + count)
             start += count
-            if adapter < 0 or slots[adapter] is None:
+            if count == 0 or adapter == none or slots[adapter] is None:
                 continue
-            tokens = pairs // k
-            contribution = torch.zeros(len(tokens), y.shape[1], dtype=y.dtype, device=y.device)
-            slots[adapter].add_to(x[tokens], contribution, weights.reshape(-1)[pairs].to(x.dtype))
-            y.index_add_(0, tokens, contribution)
+            contribution = torch.zeros(count, y.shape[1], dtype=y.dtype, device=y.device)
+            slots[adapter].add_to(x[tokens[pairs]], contribution, pair_weights[pairs])
+            y.index_add_(0, tokens[pairs], contribution)
 
     def close(self) -> None:
         """Remove the hooks: the model is the base again."""
