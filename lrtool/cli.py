@@ -529,6 +529,8 @@ def _merge_method_names() -> tuple[str, ...]:
 
 
 MergeMethod = _split_enum("MergeMethod", _merge_method_names())
+# lrtool.adapters.FORMATS (that package imports torch; a test checks the two agree)
+AdapterFormat = _split_enum("AdapterFormat", ("peft", "kohya", "diffusers", "mlx"))
 
 
 @app.command(
@@ -539,6 +541,7 @@ MergeMethod = _split_enum("MergeMethod", _merge_method_names())
     "  lrtool merge a/ b/ --method ties --density 0.3 --weights 1,0.5 -o ab-ties/\n\n"
     "  lrtool merge base-task/ toxic/ --method linear --weights 1,-1 -o detoxified/\n\n"
     "  lrtool merge a/ b/ --method dare-ties --seed 3 --into-base base/ -o merged-model/\n\n"
+    "  lrtool merge style.safetensors detail.safetensors --method linear -o merged/\n\n"
     "  lrtool merge --list | jq -r .name",
 )
 def merge_command(
@@ -546,7 +549,8 @@ def merge_command(
         list[str] | None,
         typer.Argument(
             metavar="ADAPTER",
-            help="Adapters to merge: PEFT directories or kohya / diffusers .safetensors files.",
+            help="Adapters to merge: PEFT (or torchtune) or mlx-lm directories, or kohya / diffusers "
+            ".safetensors files.",
             show_default=False,
         ),
     ] = None,
@@ -613,6 +617,17 @@ def merge_command(
             help="Merge adapters whose configs name different bases (e.g. one model under two names).",
         ),
     ] = False,
+    adapter_format: Annotated[
+        AdapterFormat | None,
+        _opt(
+            "--format",
+            help="The merged adapter's format (default: the inputs' own when they share one, else peft): "
+            "peft (adapter_config.json + adapter_model.safetensors), kohya (lora.safetensors), diffusers "
+            "(pytorch_lora_weights.safetensors) or mlx (mlx-lm's adapters.safetensors + "
+            "adapter_config.json).",
+            show_default=False,
+        ),
+    ] = None,
     list_methods: Annotated[
         bool, _opt("--list", help="Print the methods as JSON lines (name, summary, parameters) and exit.")
     ] = False,
@@ -623,10 +638,12 @@ def merge_command(
     """Merge LoRA adapters into one adapter, or into a base model's weights, exactly as each method defines.
 
     Takes any mix of ranks, alphas, rsLoRA and target modules; a module an adapter lacks counts as zero
-    there. Writes a PEFT directory (with --into-base, a Hugging Face model directory), merge_report.json (per
-    module the relative error of what was stored against the method's exact result) and lrtool.json, and
-    prints its path. Dense methods (ties, dare-*, magnitude-prune) are stored by truncated SVD at --rank.
-    The same inputs and seed give the same bytes.
+    there. Writes the adapter in the inputs' format when they share one (two kohya files merge by their
+    names into a kohya file, diffusers files into a file load_lora_weights loads), PEFT for mixed inputs
+    (--format chooses); with --into-base, a Hugging Face model directory (or a diffusers pipeline's).
+    Also writes merge_report.json (per module the relative error of what was stored against the method's
+    exact result) and lrtool.json, and prints the output's path. Dense methods (ties, dare-*,
+    magnitude-prune) are stored by truncated SVD at --rank. The same inputs and seed give the same bytes.
     """
     _configure_logging(quiet, verbose)
     import time
@@ -660,6 +677,7 @@ def merge_command(
         seed=seed,
         into_base=into_base,
         allow_base_mismatch=allow_base_mismatch,
+        format=adapter_format.value if adapter_format else None,
         force=force,
         manifest=io.Manifest(["lrtool", *SESSION.argv], extra={"method": method.value}),
     )
