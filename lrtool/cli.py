@@ -22,7 +22,7 @@ from typing import Annotated, get_origin
 import typer
 from typer._click import exceptions as click_exceptions  # typer >= 0.26 carries its own click
 
-from lrtool import __version__, io, outputs
+from lrtool import __version__, formats, io, outputs
 from lrtool.data import math as math_problems
 from lrtool.data import twohop
 from lrtool.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, LrtoolError, UsageError
@@ -529,8 +529,7 @@ def _merge_method_names() -> tuple[str, ...]:
 
 
 MergeMethod = _split_enum("MergeMethod", _merge_method_names())
-# lrtool.adapters.FORMATS (that package imports torch; a test checks the two agree)
-AdapterFormat = _split_enum("AdapterFormat", ("peft", "kohya", "diffusers", "mlx"))
+AdapterFormat = _split_enum("AdapterFormat", formats.WRITTEN)
 
 
 @app.command(
@@ -605,8 +604,8 @@ def merge_command(
         _opt(
             "--into-base",
             metavar="BASE",
-            help="Add the exact update to this Hugging Face model directory's weights and write the "
-            "whole model instead of an adapter.",
+            help="Add the exact update to this Hugging Face model directory's weights (or a diffusers "
+            "pipeline's) and write the whole model instead of an adapter.",
             show_default=False,
         ),
     ] = None,
@@ -699,6 +698,9 @@ def _diagnose_epilog() -> str:
 
     findings = "\n".join(f"- {code} ({severity}): {meaning}" for code, severity, meaning in FINDINGS)
     return (
+        "Formats (diagnose names the one it read, and per module the scale it applied and where it came "
+        "from: scale_source config, metadata, alpha or default):\n\n"
+        f"{formats.text_table()}\n\n"
         "Findings (code, severity, meaning):\n\n"
         f"{findings}\n\n"
         "Exit status: 0 the report was written, whatever it found; 3 the report was written and a finding "
@@ -718,7 +720,8 @@ def diagnose_command(
         list[str],
         typer.Argument(
             metavar="ADAPTER...",
-            help="PEFT directories or LoRA .safetensors files (PEFT, kohya, diffusers naming); '-' reads "
+            help="PEFT, torchtune or mlx-lm directories, or LoRA .safetensors files (PEFT, kohya, diffusers "
+            "naming); '-' reads "
             "their paths from stdin, one a line.",
             show_default=False,
         ),
@@ -728,9 +731,10 @@ def diagnose_command(
         _opt(
             "--base",
             metavar="DIR",
-            help="A local Hugging Face model directory: report modules it lacks or shapes it disagrees "
-            "with, and relative_norm = ||dW|| / ||W||. Reads the safetensors headers and only the weights "
-            "the adapters touch.",
+            help="A local Hugging Face model directory, or a diffusers pipeline's (or one component's): "
+            "report modules it lacks or shapes it disagrees with, and relative_norm = ||dW|| / ||W||. Module "
+            "paths resolve as the model's loader resolves them (base_model_prefix, the pipeline's "
+            "components). Reads the safetensors headers and only the weights the adapters touch.",
             show_default=False,
         ),
     ] = None,
@@ -760,8 +764,9 @@ def diagnose_command(
     """Check LoRA adapters before using or merging them: intact, format, fit to a base, spectra, interference.
 
     Prints one JSON report on stdout, keys sorted, floats to 6 significant digits. adapters: one entry per
-    input (path, format, base, rank, alpha, rslora, dtype, size_bytes, norm, refused: why merge would refuse
-    it, modules, findings). pairs: one entry per pair of inputs. counts: findings by severity. thresholds.
+    input (path, format, base, rank, alpha, rslora, scale_source and scale_detail: where the modules' scales
+    came from, dtype, size_bytes, norm, refused: why merge would refuse it, modules, findings). pairs: one
+    entry per pair of inputs. counts: findings by severity. thresholds.
 
     Per module: the norm and all r singular values of dW = scale * B @ A, its effective rank (exp of the
     entropy of s_i / sum s), stable rank (sum s^2 / s_1^2), top_energy (s_1^2 / sum s^2) and, with --base,

@@ -17,6 +17,7 @@ import re
 from typing import NamedTuple
 
 # re-exported: the adapter readers and writers use them
+from lrtool.formats import WRITTEN
 from lrtool.model_files import DIFFUSERS_COMPONENTS, PICKLE_SUFFIXES  # noqa: F401
 
 PEFT_CONFIG = "adapter_config.json"
@@ -40,7 +41,7 @@ KOHYA_COMPONENTS = {
 }
 KOHYA_PREFIXES = tuple(KOHYA_COMPONENTS)
 KOHYA_BASE_KEYS = ("ss_sd_model_name", "ss_base_model_version")
-FORMATS = ("peft", "kohya", "diffusers", "mlx")  # what lrtool writes
+FORMATS = WRITTEN  # what lrtool writes
 
 # The key grammar: how each naming family writes the two factors; `role` A / down / a is the first factor
 # (applied to the input), B / up / b the second.
