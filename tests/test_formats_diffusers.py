@@ -144,6 +144,25 @@ def test_the_older_attention_processor_layout_reads_as_diffusers_loads_it(tmp_pa
     assert entry["format"] == "diffusers-old" and entry["findings"] == []
 
 
+@pytest.mark.parametrize(
+    "key, module",
+    [
+        (
+            "unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.up.weight",
+            "attn2.to_out.0",
+        ),
+        ("text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight", "self_attn.q_proj"),
+    ],
+)
+def test_old_processor_keys_name_the_modules_diffusers_loads_them_into(key, module):
+    """UNet attentions' to_out is to_out.0; a text encoder's projections are CLIP's q_proj ... out_proj
+    (utils/state_dict_utils.py: UNET_TO_DIFFUSERS, DIFFUSERS_OLD_TO_PEFT)."""
+    from lrtool.adapters.grammar import parse_key
+
+    parts = parse_key(key)
+    assert (parts.family, parts.module.endswith(module)) == ("diffusers-old", True)
+
+
 def test_a_merge_of_diffusers_files_is_a_diffusers_file_load_lora_weights_loads(cli, written, tmp_path):
     other = save_as_training_scripts_do(lora_unet(seed=2, lora_alpha=4), tmp_path / "other")
     out = tmp_path / "merged"

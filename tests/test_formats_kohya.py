@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from helpers import tiny_llama
 from lrtool.adapters import load_adapter
 from lrtool.diagnose import diagnose
 from lrtool.errors import UnsupportedFeatureError
@@ -216,3 +217,26 @@ def test_a_conv_module_and_a_linear_one_of_one_name_do_not_merge(cli, tmp_path):
     paths = [str(tmp_path / "sd1.safetensors"), str(tmp_path / "sd2.safetensors")]
     code, out, err = cli("merge", *paths, "--method", "linear", "-o", str(tmp_path / "m"))
     assert code == 1 and out == "" and "[8, 8, 1, 1] (out, in, *kernel)" in err
+
+
+@pytest.mark.parametrize("method", ["LoHa", "LoKr"])
+def test_peft_loha_and_lokr_adapters_are_refused_by_name_too(tmp_path, method):
+    import peft
+
+    config = getattr(peft, f"{method}Config")(r=2, target_modules=["q_proj"])
+    peft.get_peft_model(tiny_llama(), config).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(
+        UnsupportedFeatureError, match=f"a {method} \\(LyCORIS\\) adapter \\(peft_type {method.upper()}\\)"
+    ):
+        load_adapter(tmp_path / "adapter")
+
+
+def test_eval_refuses_a_conv_module_clearly(tmp_path):
+    from lrtool.adapters import Adapter, LoraModule
+    from lrtool.engine import AdapterEngine
+    from lrtool.errors import IncompatibleError
+
+    conv = LoraModule(A=torch.ones(2, 32), B=torch.ones(32, 2), scale=1.0, kernel=(1, 1))
+    adapter = Adapter(modules={"model.layers.0.self_attn.q_proj": conv}, source="sd.safetensors")
+    with pytest.raises(IncompatibleError, match="is a conv layer's LoRA \\(kernel 1x1\\); eval applies LoRA"):
+        AdapterEngine(tiny_llama(), [adapter])

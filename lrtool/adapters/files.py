@@ -101,12 +101,16 @@ def _no_factors(item: Survey) -> None:
     """A file with no LoRA factor: a method lrtool cannot represent (LoHa, LoKr, ...) when its tensors name
     one, else unreadable."""
     item.problems = [p for p in item.problems if p.code != "malformed"]
-    methods = sorted({feature for feature in item.features.values() if feature in NAMED_METHODS})
+    methods = " / ".join(sorted({f for f in item.features.values() if f in NAMED_METHODS}))
     peft_type = (item.config or {}).get("peft_type")
     if peft_type not in (None, "LORA"):
-        methods.insert(0, f"peft_type {peft_type}")
+        methods = (
+            f"{methods} adapter (peft_type {peft_type})" if methods else f"peft_type {peft_type} adapter"
+        )
+    elif methods:
+        methods += " adapter"
     if methods:
-        message = f"a {' / '.join(methods)} adapter, with no plain LoRA factors: lrtool reads LoRA only"
+        message = f"a {methods}, with no plain LoRA factors: lrtool reads LoRA only"
         item.problems.insert(
             0, Problem("unsupported-feature", message, "error", file=item.weights, unsupported=True)
         )
