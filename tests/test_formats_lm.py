@@ -150,3 +150,28 @@ def test_the_readmes_format_table_is_the_one_the_man_page_shows():
     from lrtool.formats import markdown_table
 
     assert markdown_table() in (REPO / "README.md").read_text()
+
+
+def test_a_classifiers_saved_score_weight_is_worded_alike_by_merge_and_diagnose(cli, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=64,
+        num_labels=3,
+    )
+    classifier = LlamaForSequenceClassification(config)
+    lora = LoraConfig(
+        task_type="SEQ_CLS", r=2, target_modules=["q_proj"]
+    )  # peft adds score to modules_to_save
+    get_peft_model(classifier, lora).save_pretrained(tmp_path / "cls")
+    code, _, err = cli("merge", str(tmp_path / "cls"), "--method", "linear", "-o", str(tmp_path / "m"))
+    (entry,) = diagnose([str(tmp_path / "cls")])["adapters"]
+    (finding,) = [f for f in entry["findings"] if f["module"] == "score"]
+    assert code == 1 and finding["message"].startswith("modules_to_save (a full weight)")
+    assert f"module 'score' {finding['message']}" in err
