@@ -835,6 +835,7 @@ def _diagnose_table(report: dict) -> None:
     adapters.add_column("#", justify="right")
     adapters.add_column("adapter", overflow="fold")
     adapters.add_column("format")
+    adapters.add_column("scale")
     for column in ("rank", "alpha", "modules", "norm"):
         adapters.add_column(column, justify="right")
     adapters.add_column("findings")
@@ -843,7 +844,8 @@ def _diagnose_table(report: dict) -> None:
         for severity, code, count in row["findings"]:
             findings.append(f"{code}{f' x{count}' if count > 1 else ''} ", style=styles[severity])
         cells = map(number, (row["rank"], row["alpha"], row["modules"], row["norm"]))
-        adapters.add_row(str(n), row["path"], row["format"], *cells, findings or Text("ok", "green"))
+        cells = [row["format"], row["scale from"], *cells]
+        adapters.add_row(str(n), row["path"], *cells, findings or Text("ok", "green"))
     console = _stderr_console()
     console.print(adapters)
     if report["pairs"]:
