@@ -1,11 +1,13 @@
 """Survey a LoRA adapter's files without refusing anything: what they hold and every problem, with a code.
 
-Reads a PEFT directory (adapter_config.json + adapter_model.safetensors), a bare .safetensors beside its
-config, or a kohya / diffusers .safetensors: the config and the safetensors header (key names, shapes,
-dtypes, metadata) and the scalar alpha tensors, never a factor and never a pickle. Writes nothing. The key
-grammar and the features beyond plain LoRA are lrtool.adapters.grammar's, the config's problems
-lrtool.adapters.checks'; lrtool.adapters.read turns a survey into an Adapter (raising its first refusing
-problem) and diagnose turns the problems into findings.
+Reads a PEFT directory (adapter_config.json + adapter_model.safetensors; torchtune's export is one), an
+mlx-lm directory (adapter_config.json + adapters.safetensors), a bare .safetensors beside its config, or a
+kohya / diffusers .safetensors: the config and the safetensors header (key names, shapes, dtypes, metadata)
+and the scalar alpha tensors, never a factor and never a pickle. It names the format (Survey.format) and
+gives each well-formed module's factors their canonical shapes (mlx-lm's transposed, a conv's flattened).
+Writes nothing. The key grammar and the features beyond plain LoRA are lrtool.adapters.grammar's, the
+config's problems lrtool.adapters.checks'; lrtool.adapters.read turns a survey into an Adapter (raising its
+first refusing problem) and diagnose turns the problems into findings.
 
 A problem's code is one of diagnose's finding codes (unreadable, malformed, unsupported-feature,
 shape-mismatch, config-mismatch, non-finite, dtype-mixed); `refuses` says whether the canonical reader
@@ -235,6 +237,7 @@ def _group_keys(item: Survey) -> None:
     adapter_names: set[str] = set()
     features: dict[tuple[str, str], list[str]] = {}
     saved_layers = (item.config or {}).get("modules_to_save") or []
+    saved_layers = [s for s in saved_layers if isinstance(s, str)] if isinstance(saved_layers, list) else []
     for key in sorted(item.shapes):
         parts = parse_key(key)
         if parts is None:

@@ -42,7 +42,8 @@ from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError
 
 
 def load_adapter(path: str | Path) -> Adapter:
-    """Read a PEFT directory or a LoRA .safetensors file (PEFT, kohya or diffusers naming) into an Adapter."""
+    """Read a PEFT, torchtune or mlx-lm directory or a LoRA .safetensors file (PEFT, kohya, diffusers or
+    mlx-lm naming) into an Adapter."""
     found = survey(path)
     if found.refusal is not None:
         raise refusal_error(found.refusal, path)
@@ -80,10 +81,10 @@ def adapter_of(found: Survey, modules: Iterable[str]) -> Adapter:
         "scale_source": "+".join(used) or None,
         "scale_detail": "; ".join(scale_detail(found, source) for source in used) or None,
     }
-    if found.config is not None and found.format != "mlx":
-        metadata.update(alpha_source=PEFT_CONFIG, task_type=found.config.get("task_type"))
-    elif found.format == "mlx":
+    if found.config is not None and found.format == "mlx":
         metadata["alpha_source"] = f"{PEFT_CONFIG} lora_parameters.scale"
+    elif found.config is not None:
+        metadata.update(alpha_source=PEFT_CONFIG, task_type=found.config.get("task_type"))
     elif found.component_configs:
         metadata["alpha_source"] = DIFFUSERS_METADATA_KEY
     else:
