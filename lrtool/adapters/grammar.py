@@ -39,7 +39,6 @@ KOHYA_COMPONENTS = {
     "lora_te_": "text_encoder",
     "lora_transformer_": "transformer",
 }
-KOHYA_PREFIXES = tuple(KOHYA_COMPONENTS)
 KOHYA_BASE_KEYS = ("ss_sd_model_name", "ss_base_model_version")
 FORMATS = WRITTEN  # what lrtool writes
 
