@@ -60,8 +60,9 @@ complete -c lrtool -n '__fish_seen_subcommand_from merge' -l weights -r -F -d 'O
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -s r -l rank -x -d 'svd: the rank kept; dense methods and knots: the rank the result is stored at (default: per module, the largest input rank; knots: exact).'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -l density -x -d 'ties, dare-*, magnitude-prune, knots: fraction of entries kept, in (0, 1] (default 0.5).'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -l seed -x -d 'dare-*: seed of the drop masks (default 0).'
-complete -c lrtool -n '__fish_seen_subcommand_from merge' -l into-base -r -F -d 'Add the exact update to this Hugging Face model directory\'s weights and write the whole model instead of an adapter.'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l into-base -r -F -d 'Add the exact update to this Hugging Face model directory\'s weights (or a diffusers pipeline\'s) and write the whole model instead of an adapter.'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -l allow-base-mismatch -d 'Merge adapters whose configs name different bases (e.g. one model under two names).'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l format -x -a 'peft kohya diffusers mlx' -d 'The merged adapter\'s format (default: the inputs\' own when they share one, else peft): peft (adapter_config.json + adapter_model.safetensors), kohya (lora.safetensors), diffusers (pytorch_lora_weights.safetensors) or mlx (mlx-lm\'s adapters.safetensors + adapter_config.json).'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -l list -d 'Print the methods as JSON lines (name, summary, parameters) and exit.'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -l force -d 'Replace an existing output (only one lrtool wrote).'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -s q -l quiet -d 'Print nothing but data and errors.'
@@ -70,7 +71,7 @@ complete -c lrtool -n '__fish_seen_subcommand_from merge' -s h -l help -d 'Show 
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -F
 
 # lrtool diagnose
-complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l base -r -F -d 'A local Hugging Face model directory: report modules it lacks or shapes it disagrees with, and relative_norm = ||dW|| / ||W||.'
+complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l base -r -F -d 'A local Hugging Face model directory, or a diffusers pipeline\'s (or one component\'s): report modules it lacks or shapes it disagrees with, and relative_norm = ||dW|| / ||W||.'
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l fail-on -x -a 'error warning' -d 'Exit 3, after writing the report, when a finding is at or above this severity.'
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l table -d 'Also print a summary table to stderr.'
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l plot -r -F -d 'Draw the spectra and the pairwise cosine matrix (needs matplotlib).'

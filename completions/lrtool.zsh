@@ -87,8 +87,9 @@ _lrtool_merge() {
     '(-r --rank)'{-r+,--rank=}'[svd\: the rank kept; dense methods and knots\: the rank the result is stored at (default\: per module, the largest input rank; knots\: exact).]:INT: ' \
     '--density=[ties, dare-*, magnitude-prune, knots\: fraction of entries kept, in (0, 1\] (default 0.5).]:FLOAT: ' \
     '--seed=[dare-*\: seed of the drop masks (default 0).]:INT: ' \
-    '--into-base=[Add the exact update to this Hugging Face model directory'\''s weights and write the whole model instead of an adapter.]:BASE:_files' \
+    '--into-base=[Add the exact update to this Hugging Face model directory'\''s weights (or a diffusers pipeline'\''s) and write the whole model instead of an adapter.]:BASE:_files' \
     '--allow-base-mismatch[Merge adapters whose configs name different bases (e.g. one model under two names).]' \
+    '--format=[The merged adapter'\''s format (default\: the inputs'\'' own when they share one, else peft)\: peft (adapter_config.json + adapter_model.safetensors), kohya (lora.safetensors), diffusers (pytorch_lora_weights.safetensors) or mlx (mlx-lm'\''s adapters.safetensors + adapter_config.json).]:ADAPTER_FORMAT:(peft kohya diffusers mlx)' \
     '--list[Print the methods as JSON lines (name, summary, parameters) and exit.]' \
     '--force[Replace an existing output (only one lrtool wrote).]' \
     '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
@@ -99,7 +100,7 @@ _lrtool_merge() {
 
 _lrtool_diagnose() {
   _arguments -s -S \
-    '--base=[A local Hugging Face model directory\: report modules it lacks or shapes it disagrees with, and relative_norm = ||dW|| / ||W||.]:DIR:_files' \
+    '--base=[A local Hugging Face model directory, or a diffusers pipeline'\''s (or one component'\''s)\: report modules it lacks or shapes it disagrees with, and relative_norm = ||dW|| / ||W||.]:DIR:_files' \
     '--fail-on=[Exit 3, after writing the report, when a finding is at or above this severity.]:SEVERITY:(error warning)' \
     '--table[Also print a summary table to stderr.]' \
     '--plot=[Draw the spectra and the pairwise cosine matrix (needs matplotlib).]:FILE.png:_files' \

@@ -22,7 +22,7 @@ from typing import Annotated, get_origin
 import typer
 from typer._click import exceptions as click_exceptions  # typer >= 0.26 carries its own click
 
-from lrtool import __version__, io, outputs
+from lrtool import __version__, formats, io, outputs
 from lrtool.data import math as math_problems
 from lrtool.data import twohop
 from lrtool.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, LrtoolError, UsageError
@@ -529,6 +529,7 @@ def _merge_method_names() -> tuple[str, ...]:
 
 
 MergeMethod = _split_enum("MergeMethod", _merge_method_names())
+AdapterFormat = _split_enum("AdapterFormat", formats.WRITTEN)
 
 
 @app.command(
@@ -539,6 +540,7 @@ MergeMethod = _split_enum("MergeMethod", _merge_method_names())
     "  lrtool merge a/ b/ --method ties --density 0.3 --weights 1,0.5 -o ab-ties/\n\n"
     "  lrtool merge base-task/ toxic/ --method linear --weights 1,-1 -o detoxified/\n\n"
     "  lrtool merge a/ b/ --method dare-ties --seed 3 --into-base base/ -o merged-model/\n\n"
+    "  lrtool merge style.safetensors detail.safetensors --method linear -o merged/\n\n"
     "  lrtool merge --list | jq -r .name",
 )
 def merge_command(
@@ -546,7 +548,8 @@ def merge_command(
         list[str] | None,
         typer.Argument(
             metavar="ADAPTER",
-            help="Adapters to merge: PEFT directories or kohya / diffusers .safetensors files.",
+            help="Adapters to merge: PEFT (or torchtune) or mlx-lm directories, or kohya / diffusers "
+            ".safetensors files.",
             show_default=False,
         ),
     ] = None,
@@ -601,8 +604,8 @@ def merge_command(
         _opt(
             "--into-base",
             metavar="BASE",
-            help="Add the exact update to this Hugging Face model directory's weights and write the "
-            "whole model instead of an adapter.",
+            help="Add the exact update to this Hugging Face model directory's weights (or a diffusers "
+            "pipeline's) and write the whole model instead of an adapter.",
             show_default=False,
         ),
     ] = None,
@@ -613,6 +616,17 @@ def merge_command(
             help="Merge adapters whose configs name different bases (e.g. one model under two names).",
         ),
     ] = False,
+    adapter_format: Annotated[
+        AdapterFormat | None,
+        _opt(
+            "--format",
+            help="The merged adapter's format (default: the inputs' own when they share one, else peft): "
+            "peft (adapter_config.json + adapter_model.safetensors), kohya (lora.safetensors), diffusers "
+            "(pytorch_lora_weights.safetensors) or mlx (mlx-lm's adapters.safetensors + "
+            "adapter_config.json).",
+            show_default=False,
+        ),
+    ] = None,
     list_methods: Annotated[
         bool, _opt("--list", help="Print the methods as JSON lines (name, summary, parameters) and exit.")
     ] = False,
@@ -623,10 +637,12 @@ def merge_command(
     """Merge LoRA adapters into one adapter, or into a base model's weights, exactly as each method defines.
 
     Takes any mix of ranks, alphas, rsLoRA and target modules; a module an adapter lacks counts as zero
-    there. Writes a PEFT directory (with --into-base, a Hugging Face model directory), merge_report.json (per
-    module the relative error of what was stored against the method's exact result) and lrtool.json, and
-    prints its path. Dense methods (ties, dare-*, magnitude-prune) are stored by truncated SVD at --rank.
-    The same inputs and seed give the same bytes.
+    there. Writes the adapter in the inputs' format when they share one (two kohya files merge by their
+    names into a kohya file, diffusers files into a file load_lora_weights loads), PEFT for mixed inputs
+    (--format chooses); with --into-base, a Hugging Face model directory (or a diffusers pipeline's).
+    Also writes merge_report.json (per module the relative error of what was stored against the method's
+    exact result) and lrtool.json, and prints the output's path. Dense methods (ties, dare-*,
+    magnitude-prune) are stored by truncated SVD at --rank. The same inputs and seed give the same bytes.
     """
     _configure_logging(quiet, verbose)
     import time
@@ -660,6 +676,7 @@ def merge_command(
         seed=seed,
         into_base=into_base,
         allow_base_mismatch=allow_base_mismatch,
+        format=adapter_format.value if adapter_format else None,
         force=force,
         manifest=io.Manifest(["lrtool", *SESSION.argv], extra={"method": method.value}),
     )
@@ -681,6 +698,9 @@ def _diagnose_epilog() -> str:
 
     findings = "\n".join(f"- {code} ({severity}): {meaning}" for code, severity, meaning in FINDINGS)
     return (
+        "Formats (diagnose names the one it read, and per module the scale it applied and where it came "
+        "from: scale_source config, metadata, alpha or default):\n\n"
+        f"{formats.text_table()}\n\n"
         "Findings (code, severity, meaning):\n\n"
         f"{findings}\n\n"
         "Exit status: 0 the report was written, whatever it found; 3 the report was written and a finding "
@@ -700,7 +720,8 @@ def diagnose_command(
         list[str],
         typer.Argument(
             metavar="ADAPTER...",
-            help="PEFT directories or LoRA .safetensors files (PEFT, kohya, diffusers naming); '-' reads "
+            help="PEFT, torchtune or mlx-lm directories, or LoRA .safetensors files (PEFT, kohya, diffusers "
+            "naming); '-' reads "
             "their paths from stdin, one a line.",
             show_default=False,
         ),
@@ -710,9 +731,10 @@ def diagnose_command(
         _opt(
             "--base",
             metavar="DIR",
-            help="A local Hugging Face model directory: report modules it lacks or shapes it disagrees "
-            "with, and relative_norm = ||dW|| / ||W||. Reads the safetensors headers and only the weights "
-            "the adapters touch.",
+            help="A local Hugging Face model directory, or a diffusers pipeline's (or one component's): "
+            "report modules it lacks or shapes it disagrees with, and relative_norm = ||dW|| / ||W||. Module "
+            "paths resolve as the model's loader resolves them (base_model_prefix, the pipeline's "
+            "components). Reads the safetensors headers and only the weights the adapters touch.",
             show_default=False,
         ),
     ] = None,
@@ -742,8 +764,9 @@ def diagnose_command(
     """Check LoRA adapters before using or merging them: intact, format, fit to a base, spectra, interference.
 
     Prints one JSON report on stdout, keys sorted, floats to 6 significant digits. adapters: one entry per
-    input (path, format, base, rank, alpha, rslora, dtype, size_bytes, norm, refused: why merge would refuse
-    it, modules, findings). pairs: one entry per pair of inputs. counts: findings by severity. thresholds.
+    input (path, format, base, rank, alpha, rslora, scale_source and scale_detail: where the modules' scales
+    came from, dtype, size_bytes, norm, refused: why merge would refuse it, modules, findings). pairs: one
+    entry per pair of inputs. counts: findings by severity. thresholds.
 
     Per module: the norm and all r singular values of dW = scale * B @ A, its effective rank (exp of the
     entropy of s_i / sum s), stable rank (sum s^2 / s_1^2), top_energy (s_1^2 / sum s^2) and, with --base,
@@ -812,6 +835,7 @@ def _diagnose_table(report: dict) -> None:
     adapters.add_column("#", justify="right")
     adapters.add_column("adapter", overflow="fold")
     adapters.add_column("format")
+    adapters.add_column("scale")
     for column in ("rank", "alpha", "modules", "norm"):
         adapters.add_column(column, justify="right")
     adapters.add_column("findings")
@@ -820,7 +844,8 @@ def _diagnose_table(report: dict) -> None:
         for severity, code, count in row["findings"]:
             findings.append(f"{code}{f' x{count}' if count > 1 else ''} ", style=styles[severity])
         cells = map(number, (row["rank"], row["alpha"], row["modules"], row["norm"]))
-        adapters.add_row(str(n), row["path"], row["format"], *cells, findings or Text("ok", "green"))
+        cells = [row["format"], row["scale from"], *cells]
+        adapters.add_row(str(n), row["path"], *cells, findings or Text("ok", "green"))
     console = _stderr_console()
     console.print(adapters)
     if report["pairs"]:

@@ -172,6 +172,12 @@ class AdapterEngine:
             for name, lora in adapter.modules.items():
                 shape = linear_shape(modules[name]) if name in modules else None
                 where = adapter.source or f"adapter {index + 1}"
+                if lora.kernel is not None:  # a conv layer's LoRA (a diffusion model's), not an LM's
+                    kernel = "x".join(map(str, lora.kernel))
+                    raise IncompatibleError(
+                        f"{where}: module '{name}' is a conv layer's LoRA (kernel {kernel}); eval applies "
+                        "LoRA to the linear layers of causal language models"
+                    )
                 if name not in modules:
                     raise IncompatibleError(f"{where}: module '{name}' is not in the base model")
                 if shape is None:

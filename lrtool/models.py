@@ -1,13 +1,12 @@
-"""Base models: load a Hugging Face causal LM, or make the embedded tiny default from scratch; and the one
-reader of a model directory's safetensors files.
+"""Base models: load a Hugging Face causal LM, or make the embedded tiny default from scratch.
 
 Reads a model directory (config.json, safetensors weights, tokenizer files) or a hub id that transformers
 resolves (offline when the files are local); `tiny` / `tiny:PRESET` builds a new small Llama and a tokenizer
 from the given texts instead, with no download. Writes nothing: `train --full` saves what it trained.
 
-`ModelFiles` reads a model directory's safetensors without loading the model (merge --into-base and
-diagnose --base): which files hold the weights (one shard rule), each tensor's shard, dtype, shape and bytes
-from the headers, and one tensor at a time. `DTYPES` is the one table of safetensors' dtype codes.
+`ModelFiles`, the one reader of a model directory's safetensors without loading the model (merge
+--into-base and diagnose --base), and `DTYPES`, the one table of safetensors' dtype codes, live in
+model_files.py and are importable from here too.
 
 The tiny tokenizer is a Unigram model over whole words of the given texts (one token per word, as in the
 pilot of ../shared/EXPERIMENT.md), single characters, and byte fallback: any text encodes losslessly, and a
@@ -19,10 +18,19 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
-from lrtool.errors import InputError, UnsupportedFeatureError, UsageError, one_line
+from lrtool.errors import InputError, UsageError
+from lrtool.model_files import (  # noqa: F401 (importable from here: merge, diagnose, adapters use them)
+    DIFFUSERS_COMPONENTS,
+    DTYPES,
+    FLOATING,
+    PICKLE_SUFFIXES,
+    ModelFiles,
+    StoredTensor,
+    dtype_name,
+    item_size,
+)
 
 # Llama shapes. `tiny` trains on a 2-core CPU in about a minute (the pilot's 2.8M parameters); `micro` is
 # for tests; the larger ones are for a GPU.
@@ -183,162 +191,3 @@ def load_base(
 def module_names(model) -> list[str]:
     """Every module path of a model, as adapters name them."""
     return [name for name, _ in model.named_modules() if name]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# A model directory's safetensors files, read without loading the model (merge --into-base, diagnose --base)
-
-# safetensors' dtype codes: the torch dtype each one is (by torch's name for it) and its bytes per element.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # pickled weights: refused unread, never unpickled
-DTYPES = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
-    "F8_E8M0": ("float8_e8m0fnu", 1),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U64": ("uint64", 8),
-    "U32": ("uint32", 4),
-    "U16": ("uint16", 2),
-    "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
-}
-FLOATING = tuple(code for code, (name, _) in DTYPES.items() if "float" in name)
-
-
-def dtype_name(code: str) -> str:
-    """torch's name for a safetensors dtype code ("BF16" -> "bfloat16"); an unknown code in lower case."""
-    return DTYPES[code][0] if code in DTYPES else code.lower()
-
-
-def item_size(code: str) -> int:
-    """Bytes per element of a safetensors dtype code (1 for a code this table lacks)."""
-    return DTYPES[code][1] if code in DTYPES else 1
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one tensor of a model directory lies: its shard, dtype code, shape and absolute byte range."""
-
-    shard: Path
-    dtype: str  # safetensors' code, e.g. "BF16"
-    shape: list[int]
-    begin: int
-    end: int
-
-
-class ModelFiles:
-    """A Hugging Face model directory's safetensors weights, known from their headers (no tensor loaded
-    until `read` asks for one).
-
-    Which files hold the weights, one rule: model.safetensors.index.json, else the only
-    *.safetensors.index.json (the shards its weight_map names), else model.safetensors, else the only
-    *.safetensors file. Several files and no index to tie them are refused, and so is a directory with only
-    pickled weights (which it never opens).
-    """
-
-    def __init__(self, directory: Path, index: Path | None, shards: list[Path]):
-        self.directory = directory
-        self.index = index  # the *.safetensors.index.json, None for a single file
-        self.shards = shards
-        self.headers = {shard: _read_header(shard) for shard in shards}  # shard -> (data start, header)
-        self.tensors: dict[str, StoredTensor] = {}
-        for shard, (start, header) in self.headers.items():
-            for key, info in header.items():
-                if key != "__metadata__":
-                    begin, end = info["data_offsets"]
-                    self.tensors[key] = StoredTensor(
-                        shard, info["dtype"], list(info["shape"]), start + begin, start + end
-                    )
-
-    @property
-    def source(self) -> str:
-        return str(self.directory)
-
-    @property
-    def module_names(self) -> list[str]:
-        """The module paths that have a weight (`<module>.weight`), sorted."""
-        return sorted(key.removesuffix(".weight") for key in self.tensors if key.endswith(".weight"))
-
-    @classmethod
-    def open(cls, path: str | Path) -> ModelFiles:
-        """The weights of the model directory `path` (InputError when it holds none this reader takes)."""
-        directory = Path(path)
-        if not directory.is_dir():
-            raise InputError(f"{directory}: not a directory; give a Hugging Face model directory")
-        indexes = sorted(directory.glob("*.safetensors.index.json"))
-        preferred = directory / "model.safetensors.index.json"
-        if indexes:
-            if len(indexes) > 1 and preferred not in indexes:
-                names = ", ".join(p.name for p in indexes)
-                raise InputError(f"{directory}: holds several safetensors indexes ({names})")
-            index = preferred if preferred in indexes else indexes[0]
-            return cls(directory, index, _shards(index))
-        files = sorted(directory.glob("*.safetensors"))
-        if (directory / "model.safetensors").is_file():
-            return cls(directory, None, [directory / "model.safetensors"])
-        if len(files) == 1:
-            return cls(directory, None, files)
-        if files:
-            raise InputError(f"{directory}: holds several .safetensors files and no index naming the shards")
-        if any(p.suffix in PICKLE_SUFFIXES for p in directory.iterdir()):
-            raise UnsupportedFeatureError(
-                f"{directory}: has only pickled weights (which can run code when loaded); lrtool never "
-                "unpickles: convert the base to safetensors"
-            )
-        raise InputError(f"{directory}: no weights (model.safetensors or an index of safetensors shards)")
-
-    def read(self, key: str):
-        """The tensor `key` (a torch.Tensor in its own dtype), read with plain reads into memory of its own,
-        not through a memory map whose pages would stay resident."""
-        import torch
-
-        tensor = self.tensors[key]
-        buffer = bytearray(tensor.end - tensor.begin)
-        with open(tensor.shard, "rb") as handle:
-            handle.seek(tensor.begin)
-            if handle.readinto(buffer) != len(buffer):
-                raise InputError(f"{tensor.shard}: ends inside tensor '{key}'")
-        dtype = getattr(torch, dtype_name(tensor.dtype))
-        if not buffer:
-            return torch.empty(tensor.shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(tensor.shape)
-
-
-def _read_header(path: Path) -> tuple[int, dict]:
-    """(where the data starts, the JSON header) of a safetensors file, checked by the library first."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except (SafetensorError, OSError) as error:
-        raise InputError(f"{path}: not a readable safetensors file ({one_line(error)})") from error
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        return 8 + size, json.loads(handle.read(size))
-
-
-def _shards(index: Path) -> list[Path]:
-    """The shard files a safetensors index names, each checked to exist beside it."""
-    try:
-        content = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{index}: not a safetensors index ({one_line(error)})") from error
-    weight_map = content.get("weight_map") if isinstance(content, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()
-    ):
-        raise InputError(
-            f"{index}: not a safetensors index (its weight_map must map tensor names to shard file names)"
-        )
-    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
-    for shard in shards:
-        if not shard.is_file():
-            raise InputError(f"{index}: names shard {shard.name}, which is not in {index.parent}")
-    return shards

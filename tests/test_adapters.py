@@ -408,7 +408,6 @@ def test_peft_features_beyond_plain_lora_are_refused(tmp_path, config, feature):
             [2, 32],
             "trainable tokens",
         ),
-        ("base_model.model.conv.lora_A.weight", [2, 3, 1, 1], "conv LoRA"),
         (f"base_model.model.{Q0}.something_else", [4], "not a LoRA factor"),
     ],
 )
@@ -430,13 +429,29 @@ def test_kohya_features_beyond_plain_lora_are_refused(tmp_path, key, feature):
     assert_refused(UnsupportedFeatureError, tmp_path / "lora.safetensors", feature)
 
 
-def test_kohya_conv_lora_is_refused(tmp_path):
+def kohya_conv_delta(down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The update kohya's sd-scripts adds to a Conv2d weight (networks/lora.py, LoRAModule.get_weight)."""
+    down, up, scale = down.double(), up.double(), alpha / down.shape[0]
+    if down.shape[2:4] == (1, 1):  # "conv2d 1x1"
+        return (up.squeeze(3).squeeze(2) @ down.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scale
+    return torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3) * scale  # "3x3"
+
+
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3)])
+def test_kohya_conv_lora_reads_as_kohya_applies_it(tmp_path, kernel):
+    generator = torch.Generator().manual_seed(0)
+    down, up = torch.randn(4, 8, *kernel, generator=generator), torch.randn(16, 4, 1, 1, generator=generator)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
     tensors = {
-        "lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
-        "lora_unet_conv_in.lora_up.weight": torch.zeros(8, 2, 1, 1),
+        f"{name}.lora_down.weight": down,
+        f"{name}.lora_up.weight": up,
+        f"{name}.alpha": torch.tensor(2.0),
     }
     save_file(tensors, tmp_path / "lora.safetensors")
-    assert_refused(UnsupportedFeatureError, tmp_path / "lora.safetensors", "conv LoRA")
+    module = load_adapter(tmp_path / "lora.safetensors").modules[name]
+    assert (module.kernel, module.A.shape, module.B.shape) == (kernel, (4, 8 * math.prod(kernel)), (16, 4))
+    assert module.weight_shape == (16, 8, *kernel) and module.scale == 0.5
+    torch.testing.assert_close(module.delta().reshape(module.weight_shape), kohya_conv_delta(down, up, 2.0))
 
 
 class RunsCodeWhenUnpickled:

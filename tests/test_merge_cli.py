@@ -398,7 +398,7 @@ def test_kohya_inputs_alone_are_refused_without_a_base(cli, adapter_dirs, tmp_pa
     target_modules as names no model has."""
     kohya = [kohya_copy(adapter_dirs[name], tmp_path / f"{name}.safetensors") for name in ("a1", "a2")]
     outs = tmp_path / "outs"
-    result = cli("merge", *kohya, "--method", "linear", "-o", str(outs / "m"))
+    result = cli("merge", *kohya, "--method", "linear", "--format", "peft", "-o", str(outs / "m"))
     assert_refused(result, 1, "pass --into-base BASE", outs)
 
 

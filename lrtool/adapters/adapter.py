@@ -1,6 +1,11 @@
 """The canonical LoRA adapter in memory: per module path the factors A [r, in] and B [out, r] and the scale
 the update is applied with, so that delta W = scale * B @ A (DESIGN.md, "The canonical adapter").
 
+A conv layer's LoRA (kohya's, LyCORIS' LoCon, peft's lora.Conv2d) is the same product over the flattened
+kernel: A is [r, in_channels * prod(kernel)], B [out, r], and the module keeps its kernel size, so that every
+merge method and diagnose work on 2-D factors unchanged and writers restore the stored shapes
+([r, in, *kernel] and [out, r, 1, ...]); the update, reshaped, is the weight's [out, in, *kernel].
+
 Reads and writes nothing: lrtool.adapters.read builds Adapters from files, lrtool.adapters.write saves them.
 Also here, because every consumer of factors needs them: the checks that an adapter can be computed with,
 and whether two declared bases name one model.
@@ -21,13 +26,22 @@ from lrtool.errors import InputError, UnsupportedFeatureError
 class LoraModule:
     """One adapted linear layer. Its update is delta W = scale * B @ A, shaped [out_features, in_features]."""
 
-    A: torch.Tensor  # [r, in_features]
+    A: torch.Tensor  # [r, in_features]; a conv layer's: [r, in_channels * prod(kernel)]
     B: torch.Tensor  # [out_features, r]
     scale: float  # the factor the update is applied with: alpha / r, or alpha / sqrt(r) with rsLoRA
+    kernel: tuple[int, ...] | None = None  # a conv layer's kernel size, e.g. (3, 3); None: a linear layer
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of the base weight the update is added to: [out, in] for a linear layer (as nn.Linear
+        stores it), [out, in_channels, *kernel] for a conv layer."""
+        if self.kernel is None:
+            return (self.out_features, self.in_features)
+        return (self.out_features, self.in_features // math.prod(self.kernel), *self.kernel)
 
     @property
     def in_features(self) -> int:
@@ -48,9 +62,9 @@ class Adapter:
 
     modules: dict[str, LoraModule] = field(repr=False)
     base: str | None = None  # base model name or path, when the file declares one
-    format: str = "peft"  # what it was read from: "peft" | "kohya" | "diffusers"
+    format: str = "peft"  # what it was read from: peft, torchtune, kohya, diffusers, diffusers-old, mlx
     source: str = ""  # the path it was loaded from
-    metadata: dict = field(default_factory=dict)  # fan_in_fan_out, task_type, alpha_source, ...
+    metadata: dict = field(default_factory=dict)  # fan_in_fan_out, task_type, scale_source, ...
 
     def __post_init__(self) -> None:
         self.modules = dict(sorted(self.modules.items()))

@@ -1,11 +1,13 @@
 """Survey a LoRA adapter's files without refusing anything: what they hold and every problem, with a code.
 
-Reads a PEFT directory (adapter_config.json + adapter_model.safetensors), a bare .safetensors beside its
-config, or a kohya / diffusers .safetensors: the config and the safetensors header (key names, shapes,
-dtypes, metadata) and the scalar alpha tensors, never a factor and never a pickle. Writes nothing. The key
-grammar and the features beyond plain LoRA are lrtool.adapters.grammar's, the config's problems
-lrtool.adapters.checks'; lrtool.adapters.read turns a survey into an Adapter (raising its first refusing
-problem) and diagnose turns the problems into findings.
+Reads a PEFT directory (adapter_config.json + adapter_model.safetensors; torchtune's export is one), an
+mlx-lm directory (adapter_config.json + adapters.safetensors), a bare .safetensors beside its config, or a
+kohya / diffusers .safetensors: the config and the safetensors header (key names, shapes, dtypes, metadata)
+and the scalar alpha tensors, never a factor and never a pickle. It names the format (Survey.format) and
+gives each well-formed module's factors their canonical shapes (mlx-lm's transposed, a conv's flattened).
+Writes nothing. The key grammar and the features beyond plain LoRA are lrtool.adapters.grammar's, the
+config's problems lrtool.adapters.checks'; lrtool.adapters.read turns a survey into an Adapter (raising its
+first refusing problem) and diagnose turns the problems into findings.
 
 A problem's code is one of diagnose's finding codes (unreadable, malformed, unsupported-feature,
 shape-mismatch, config-mismatch, non-finite, dtype-mixed); `refuses` says whether the canonical reader
@@ -20,18 +22,20 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from lrtool.adapters.checks import check_loose_file, check_peft_config
+from lrtool.adapters.checks import check_loose_file, check_mlx_config, check_peft_config, is_mlx_config
 from lrtool.adapters.grammar import (
-    FACTOR_ROLES,
     KOHYA_BASE_KEYS,
+    MLX_WEIGHTS,
+    NAMED_METHODS,
     PEFT_CONFIG,
     PEFT_PREFIX,
     PEFT_WEIGHTS,
     PICKLE_SUFFIXES,
+    TORCHTUNE_CONFIG_KEYS,
     parse_key,
     tensor_feature,
 )
-from lrtool.adapters.survey import Survey
+from lrtool.adapters.survey import Problem, Survey
 from lrtool.errors import one_line
 from lrtool.models import dtype_name
 
@@ -57,10 +61,7 @@ def survey(path: str | Path) -> Survey:
         return item
     _group_keys(item)
     if not any({"A", "B"} & set(slots) for slots in item.groups.values()):
-        item.problems = [p for p in item.problems if p.code != "malformed"]
-        item.add(
-            "unreadable", "holds no LoRA tensors (lora_A / lora_B, lora_down / lora_up, ...)", file=weights
-        )
+        _no_factors(item)
         return item
     _check_structure(item)
     factor_dtypes = sorted({item.dtypes[k] for s in item.groups.values() for r, k in s.items() if r in "AB"})
@@ -72,20 +73,55 @@ def survey(path: str | Path) -> Survey:
             severity="warning",
             refuses=False,
         )
-    if item.config is not None:
-        item.format = "peft"
+    if item.config is not None and is_mlx_config(item.config):
+        item.format = "mlx"
+        check_mlx_config(item)
+    elif item.config is not None:
+        item.format = "torchtune" if _written_by_torchtune(item) else "peft"
         check_peft_config(item)
     else:
-        item.format = (
-            "kohya"
-            if "kohya" in item.families
-            else "peft"
-            if "peft-prefixed" in item.families
-            else "diffusers"
+        families = item.families
+        item.format = next(
+            (name for name in ("kohya", "diffusers-old", "mlx") if name in families),
+            "peft" if "peft-prefixed" in families else "diffusers",
         )
         item.base = next((item.metadata[k] for k in KOHYA_BASE_KEYS if item.metadata.get(k)), None)
         check_loose_file(item)
     return item
+
+
+def _written_by_torchtune(item: Survey) -> bool:
+    """torchtune's HF checkpointer writes a PEFT export (adapter_config.json with only r, lora_alpha,
+    target_modules, peft_type and the base; recipes/lora_finetune_single_device.py) beside its own
+    adapter_model.pt (torchtune/training/checkpointing/_checkpointer.py)."""
+    return (
+        set(item.config) <= TORCHTUNE_CONFIG_KEYS and (item.config_path.parent / "adapter_model.pt").is_file()
+    )
+
+
+def _no_factors(item: Survey) -> None:
+    """A file with no LoRA factor: a method lrtool cannot represent (LoHa, LoKr, ...) when its tensors name
+    one, else unreadable."""
+    item.problems = [p for p in item.problems if p.code != "malformed"]
+    methods = " / ".join(sorted({f for f in item.features.values() if f in NAMED_METHODS}))
+    peft_type = (item.config or {}).get("peft_type")
+    if peft_type not in (None, "LORA"):
+        methods = (
+            f"{methods} adapter (peft_type {peft_type})" if methods else f"peft_type {peft_type} adapter"
+        )
+    elif methods:
+        methods += " adapter"
+    if methods:
+        message = f"a {methods}, with no plain LoRA factors: lrtool reads LoRA only"
+        item.problems.insert(
+            0, Problem("unsupported-feature", message, "error", file=item.weights, unsupported=True)
+        )
+    elif not any(p.unsupported for p in item.problems):
+        item.add(
+            "unreadable",
+            "holds no LoRA tensors (lora_A / lora_B, lora_down / lora_up, lora_a / lora_b, ...)",
+            file=item.weights,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,11 +162,12 @@ def _locate(path: Path, item: Survey) -> tuple[Path | None, Path | None]:
         files = sorted(p for p in path.iterdir() if p.is_file())
         pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES]
         if (path / PEFT_CONFIG).is_file():
-            if (path / PEFT_WEIGHTS).is_file():
-                return path / PEFT_CONFIG, path / PEFT_WEIGHTS
+            for weights in (PEFT_WEIGHTS, MLX_WEIGHTS):
+                if (path / weights).is_file():
+                    return path / PEFT_CONFIG, path / weights
             if pickled:
                 return nothing(_pickled_message(), pickled[0], unsupported=True)
-            return nothing(f"has {PEFT_CONFIG} but no {PEFT_WEIGHTS}")
+            return nothing(f"has {PEFT_CONFIG} but no {PEFT_WEIGHTS} (nor mlx-lm's {MLX_WEIGHTS})")
         candidates = [p for p in files if p.suffix == ".safetensors"]
         if len(candidates) > 1:
             names = ", ".join(p.name for p in candidates)
@@ -139,6 +176,14 @@ def _locate(path: Path, item: Survey) -> tuple[Path | None, Path | None]:
             return None, candidates[0]
         if pickled:
             return nothing(_pickled_message(), pickled[0], unsupported=True)
+        # peft saves an adapter with a name other than "default" into a folder of that name
+        named = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / PEFT_CONFIG).is_file())
+        if named:
+            where = ", ".join(f"{name}/" for name in named)
+            return nothing(
+                f"no adapter here, but {where} {'holds one' if len(named) == 1 else 'hold one each'} (peft "
+                f"saves a named adapter in a folder of its name): give {path / named[0]}"
+            )
         return nothing(
             f"no adapter here: expected {PEFT_CONFIG} + {PEFT_WEIGHTS}, or a LoRA .safetensors file"
         )
@@ -188,29 +233,32 @@ def _not_safetensors(path: Path, error: Exception) -> str:
 
 def _group_keys(item: Survey) -> None:
     """Fill item.groups ({module: {role: key}}) and item.families from the keys; every other tensor is an
-    unsupported feature of its module."""
+    unsupported feature of its module (item.features)."""
     adapter_names: set[str] = set()
     features: dict[tuple[str, str], list[str]] = {}
+    saved_layers = (item.config or {}).get("modules_to_save") or []
+    saved_layers = [s for s in saved_layers if isinstance(s, str)] if isinstance(saved_layers, list) else []
     for key in sorted(item.shapes):
-        family, match = parse_key(key)
-        if match is None:
-            features.setdefault(tensor_feature(key), []).append(key)
+        parts = parse_key(key)
+        if parts is None:
+            features.setdefault(tensor_feature(key, saved_layers), []).append(key)
             continue
-        fields = match.groupdict()
-        role = FACTOR_ROLES.get(fields.get("role"), "alpha")
-        if fields.get("adapter"):
-            adapter_names.add(fields["adapter"])
+        if parts.adapter:
+            adapter_names.add(parts.adapter)
         if key.startswith(PEFT_PREFIX):
             item.families.add("peft-prefixed")
-        item.families.add(family)
-        module = fields["module"].removeprefix(PEFT_PREFIX)
+        item.families.add(parts.family)
+        if parts.family == "mlx":
+            item.transposed.add(key)
+        module = parts.module.removeprefix(PEFT_PREFIX)
         slots = item.groups.setdefault(module, {})
-        if role in slots:
-            item.add("malformed", f"'{slots[role]}' and '{key}' both hold {role}", module)
-            slots[role + "-duplicate"] = key
+        if parts.role in slots:
+            item.add("malformed", f"'{slots[parts.role]}' and '{key}' both hold {parts.role}", module)
+            slots[parts.role + "-duplicate"] = key
             continue
-        slots[role] = key
+        slots[parts.role] = key
     for (module, feature), keys in sorted(features.items()):
+        item.features.setdefault(module, feature)
         message = f"{feature}: {', '.join(keys)}, which lrtool cannot represent (plain LoRA only)"
         item.add("unsupported-feature", message, module or None, "warning", unsupported=True)
     if len(adapter_names) > 1:
@@ -223,44 +271,67 @@ def _group_keys(item: Survey) -> None:
 
 
 def _check_structure(item: Survey) -> None:
-    """Problems with each module's factors; the modules that pass are item.well_formed."""
+    """Problems with each module's factors; the modules that pass are item.well_formed, with their factors'
+    shapes in the canonical layout (item.factor_shapes: A [r, in], B [out, r]; a conv layer's kernel in
+    item.kernels, its A flattened to [r, in * prod(kernel)])."""
     for module, slots in item.groups.items():
         if any(role.endswith("-duplicate") for role in slots):
             continue
         shapes = {role: item.shapes[key] for role, key in slots.items()}
         if "A" not in slots and "B" not in slots:
-            item.add("malformed", f"'{slots['alpha']}' is an alpha for a module without LoRA factors", module)
+            if module not in item.features:  # LoHa's and LoKr's alphas: their method is the problem
+                message = f"'{slots['alpha']}' is an alpha for a module without LoRA factors"
+                item.add("malformed", message, module)
             continue
-        if any(len(shapes.get(role, [])) == 4 for role in ("A", "B")):
-            described = ", ".join(
-                f"{role} '{slots[role]}' is {shapes[role]}" for role in ("A", "B") if role in slots
+        if any(
+            slots[role] in item.transposed and len(shapes[role]) != 2 for role in ("A", "B") if role in slots
+        ):
+            described = ", ".join(f"{role} is {shapes[role]}" for role in ("A", "B") if role in slots)
+            message = (
+                f"mixture-of-experts LoRA (mlx-lm's LoRASwitchLinear: {described}), which lrtool cannot "
+                "represent"
             )
-            message = f"conv LoRA: {described} (linear layers only)"
             item.add("unsupported-feature", message, module, "warning", unsupported=True)
             continue
         if "A" not in slots or "B" not in slots:
             have, missing = ("A", "B") if "A" in slots else ("B", "A")
             item.add("malformed", f"has {have} ({slots[have]}) but no {missing} factor", module)
             continue
-        if len(shapes["A"]) != 2 or len(shapes["B"]) != 2:
-            item.add("malformed", f"A is {shapes['A']} and B is {shapes['B']}; LoRA factors are 2-D", module)
+        A, B = (shapes[role][::-1] if slots[role] in item.transposed else shapes[role] for role in ("A", "B"))
+        kernel = None
+        if len(A) == len(B) and 3 <= len(A) <= 5 and all(size == 1 for size in B[2:]):
+            kernel = tuple(A[2:])  # a conv layer's LoRA: the product over the flattened kernel
+            A, B = [A[0], math.prod(A[1:])], B[:2]
+        if len(A) != 2 or len(B) != 2:
+            message = (
+                f"A is {shapes['A']} and B is {shapes['B']}; LoRA factors are 2-D (a conv layer's are "
+                "[r, in, *kernel] and [out, r, 1, ...])"
+            )
+            item.add("malformed", message, module)
             continue
         if "alpha" in slots and math.prod(shapes["alpha"]) != 1:
             item.add("malformed", f"alpha has shape {shapes['alpha']}; an alpha is a scalar", module)
             continue
-        if shapes["A"][0] == 0:
+        if A[0] == 0:
             item.add("malformed", "rank 0", module)
             continue
-        if 0 in shapes["A"] or 0 in shapes["B"]:
+        if 0 in A or 0 in B:
             message = f"A is {shapes['A']} and B is {shapes['B']}: a factor with a zero dimension"
             item.add("malformed", message, module)
             continue
-        if shapes["A"][0] != shapes["B"][1]:
+        if A[0] != B[1]:
+            expected = (
+                "lora_a [in, r] and lora_b [r, out]"
+                if slots["A"] in item.transposed
+                else "A [r, in] and B [out, r]"
+            )
             item.add(
                 "shape-mismatch",
-                f"A is {shapes['A']} (r={shapes['A'][0]}) but B is {shapes['B']} (r={shapes['B'][1]}); "
-                "expected A [r, in] and B [out, r]",
+                f"A is {shapes['A']} (r={A[0]}) but B is {shapes['B']} (r={B[1]}); expected {expected}",
                 module,
             )
             continue
+        item.factor_shapes[module] = {"A": A, "B": B}
+        if kernel is not None:
+            item.kernels[module] = kernel
         item.well_formed.add(module)

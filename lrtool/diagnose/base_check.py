@@ -9,6 +9,7 @@ base-shape-mismatch.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -28,22 +29,30 @@ class BaseWeights:
         self.shapes = {name: files.tensors[f"{name}.weight"].shape for name in files.module_names}
         self._norms: dict[str, float | None] = {}  # read on demand, kept
 
+    def shape(self, module: str) -> list[int] | None:
+        """The shape of the weight of module path `module` (resolved as ModelFiles.weight_key resolves it),
+        None when the base has none."""
+        key = self.files.weight_key(module)
+        return None if key is None else self.files.tensors[key].shape
+
     @classmethod
     def read(cls, spec: str) -> BaseWeights:
         """Read the weight headers of a local model directory; InputError when it is not one."""
         path = Path(spec)
         if not path.is_dir():
             raise InputError(f"{spec}: no such directory; --base takes a local Hugging Face model directory")
-        if not (path / "config.json").is_file():
-            raise InputError(f"{spec}: not a model directory (no config.json)")
+        if not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
+            raise InputError(
+                f"{spec}: not a model directory (no config.json, nor a pipeline's model_index.json)"
+            )
         return cls(ModelFiles.open(path))
 
     def norm(self, module: str) -> float | None:
         """||W||_F of `<module>.weight` (None for integer, i.e. quantized, weights)."""
         if module not in self._norms:
-            key = f"{module}.weight"
+            key = self.files.weight_key(module)
             norm = None
-            if self.files.tensors[key].dtype in FLOATING:
+            if key is not None and self.files.tensors[key].dtype in FLOATING:
                 weight = self.files.read(key)
                 if weight.dtype.itemsize < 2:  # float8: no norm in torch on the CPU, so read in float64
                     weight = weight.to(torch.float64)
@@ -68,8 +77,7 @@ def rename_modules(item: AdapterInput, reference: set[str], base: BaseWeights | 
         return
     new_name = {id(placeholder): name for name, placeholder in renamed.modules.items()}
     mapping = {name: new_name[id(placeholder)] for name, placeholder in placeholders.items()}
-    item.groups = {mapping[m]: slots for m, slots in item.groups.items()}
-    item.well_formed = {mapping[m] for m in item.well_formed}
+    item.rename(mapping)
     item.lora = {mapping[m]: module for m, module in item.lora.items()}
     for f in item.findings:
         f["module"] = mapping.get(f["module"], f["module"])
@@ -79,18 +87,19 @@ def check_base(item: AdapterInput, base: BaseWeights) -> None:
     """missing-in-base and base-shape-mismatch; modules that fail either get no relative norm."""
     transposed = bool((item.config or {}).get("fan_in_fan_out", False))  # GPT-2's Conv1D stores [in, out]
     for name in sorted(item.well_formed):
-        slots = item.groups[name]
-        out_features, in_features = item.shapes[slots["B"]][0], item.shapes[slots["A"]][1]
-        if name not in base.shapes:
+        out_features, in_features = item.factor_shapes[name]["B"][0], item.factor_shapes[name]["A"][1]
+        shape = base.shape(name)
+        if shape is None:
             item.add(
                 "missing-in-base", f"the base has no weight {name}.weight: this update would do nothing", name
             )
             continue
-        expected = [in_features, out_features] if transposed else [out_features, in_features]
-        if base.shapes[name] != expected:
-            item.add(
-                "base-shape-mismatch",
-                f"the update is [out, in] = [{out_features}, {in_features}] but the base weight is "
-                f"{base.shapes[name]}",
-                name,
-            )
+        kernel = item.kernels.get(name)
+        if kernel is not None:  # a conv weight: [out, in, *kernel], the update's in flattened with it
+            expected = [out_features, in_features // math.prod(kernel), *kernel]
+            what = f"[out, in, *kernel] = {expected}"
+        else:
+            expected = [in_features, out_features] if transposed else [out_features, in_features]
+            what = f"[out, in] = [{out_features}, {in_features}]"
+        if shape != expected:
+            item.add("base-shape-mismatch", f"the update is {what} but the base weight is {shape}", name)

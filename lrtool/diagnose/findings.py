@@ -21,7 +21,8 @@ FINDINGS = (  # code, severity, meaning
         "malformed",
         "error",
         "A module's tensors do not form a LoRA: a factor without its partner, two tensors for one factor, "
-        "a factor that is not 2-D, rank 0, an alpha that is not a scalar or belongs to no factors.",
+        "a factor that is neither 2-D nor a conv's [r, in, *kernel] / [out, r, 1, ...], rank 0, an alpha "
+        "that is not a scalar or belongs to no factors.",
     ),
     ("non-finite", "error", "NaN or infinity in a factor or in the scale (alpha)."),
     (
@@ -34,9 +35,10 @@ FINDINGS = (  # code, severity, meaning
     (
         "config-mismatch",
         "error/warning",
-        "The config (adapter_config.json, or kohya's ss_network_dim / ss_network_alpha) and the tensors "
-        "disagree: an error when the rank disagrees; a warning for alpha, target_modules, or PEFT keys "
-        "without their adapter_config.json (scale unknown, 1 assumed).",
+        "The config (adapter_config.json, diffusers' lora_adapter_metadata, or kohya's ss_network_dim / "
+        "ss_network_alpha) and the tensors disagree: an error when the rank disagrees; a warning for alpha, "
+        "target_modules, or PEFT or mlx-lm keys without their adapter_config.json (scale unknown, 1 "
+        "assumed).",
     ),
     (
         "missing-in-base",
@@ -66,7 +68,8 @@ FINDINGS = (  # code, severity, meaning
         "unsupported-feature",
         "warning",
         "More than plain LoRA, which lrtool merge refuses and these figures leave out: DoRA, lora bias, "
-        "modules_to_save or other full weights, embedding or conv LoRA, trainable tokens, LoHa, LoKr.",
+        "modules_to_save or other full weights, embedding LoRA, trainable tokens, LoHa, LoKr, OFT (an error "
+        "when the file holds no plain LoRA at all).",
     ),
     ("dtype-mixed", "warning", "The factors are stored in more than one dtype."),
 )

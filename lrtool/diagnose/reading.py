@@ -4,9 +4,10 @@ reported in full:
 
 1. survey: lrtool.adapters' survey of the config and the safetensors header; each of its problems becomes a
    finding with the same code and message.
-2. load: the canonical reader's modules (the exact scales merge would apply), also for a file it refuses:
-   the well-formed modules are read with the same scale rules. Integer (quantised) factors are an
-   unsupported feature, left out; float8 factors are read in float64, as torch computes nothing in float8.
+2. load: the canonical reader's modules (the exact scales merge would apply, and where they came from),
+   also for a file it refuses: the well-formed modules are read with the same scale rules. Integer
+   (quantised) factors are an unsupported feature, left out; float8 factors are read in float64, as torch
+   computes nothing in float8.
 
 A base model's weights, the renaming of kohya's mangled module names to the base's paths and the findings of
 an adapter against its base are in base_check.py.
@@ -33,6 +34,8 @@ class AdapterInput(Survey):
     refused: str | None = None  # why merge refuses it, or None
     lora: dict[str, LoraModule] = field(default_factory=dict)  # the modules the figures cover
     modules: dict[str, dict] = field(default_factory=dict)  # module -> its report entry
+    scale_source: str | None = None  # where the scales came from: config, metadata, alpha, default (+ joined)
+    scale_detail: str | None = None  # the same in words: which field or tensor, by which rule
 
     @property
     def unreadable(self) -> bool:
@@ -63,6 +66,8 @@ def _load(item: AdapterInput, found: Survey) -> None:
     except InputError as error:
         item.add("unreadable", one_line(error))
         return
+    item.scale_source = adapter.metadata.get("scale_source")
+    item.scale_detail = adapter.metadata.get("scale_detail")
     if item.refused is None:
         try:  # integer or non-finite factors: merge and eval refuse them; the findings below say where
             check_computable(adapter)
@@ -74,7 +79,9 @@ def _load(item: AdapterInput, found: Survey) -> None:
             message = f"integer (quantised?) factors ({', '.join(integer)}): left out of the figures"
             item.add("unsupported-feature", message, name)
             continue
-        module = LoraModule(A=_computable(module.A), B=_computable(module.B), scale=module.scale)
+        module = LoraModule(
+            A=_computable(module.A), B=_computable(module.B), scale=module.scale, kernel=module.kernel
+        )
         problem = _non_finite(module)
         if problem:
             item.add("non-finite", problem, name)

@@ -29,6 +29,7 @@ def summary_rows(report: dict) -> list[dict]:
                 "format": entry["format"] or "-",
                 "rank": entry["rank"],
                 "alpha": entry["alpha"],
+                "scale from": entry.get("scale_source") or "-",
                 "modules": len(entry["modules"]),
                 "norm": entry["norm"],
                 "findings": [(severity, code, n) for (severity, code), n in counts.items()],

@@ -123,14 +123,18 @@ def diagnose(paths: list[str], base: str | None = None) -> dict:
 
 def _module_entry(item: AdapterInput, name: str) -> dict:
     """A module's entry as its shapes give it; the figures are filled in by _add_figures."""
-    slots = item.groups[name]
-    a_shape, b_shape = item.shapes.get(slots.get("A"), []), item.shapes.get(slots.get("B"), [])
-    two_d = len(a_shape) == 2 and len(b_shape) == 2
     module = item.lora.get(name)
+    shapes = item.factor_shapes.get(name)
+    if shapes is not None:  # [out, in], or a conv weight's [out, in, *kernel]
+        kernel = item.kernels.get(name, ())
+        inputs = shapes["A"][1] // math.prod(kernel) if kernel else shapes["A"][1]
+        shape = [shapes["B"][0], inputs, *kernel]
+    else:
+        shape = None
     return {
         "name": name,
-        "shape": [b_shape[0], a_shape[1]] if two_d else None,
-        "rank": a_shape[0] if len(a_shape) == 2 else None,
+        "shape": shape,
+        "rank": item.rank(name),
         "scale": module.scale if module is not None else None,
         "norm": None,
         "singular_values": None,
@@ -181,6 +185,8 @@ def _adapter_entry(item: AdapterInput) -> dict:
         "rank": max((m["rank"] for m in modules if m["rank"] is not None), default=None),
         "alpha": item.alpha,
         "rslora": item.rslora,
+        "scale_source": item.scale_source,
+        "scale_detail": item.scale_detail,
         "dtype": item.dtype,
         "size_bytes": item.size_bytes,
         "norm": math.sqrt(sum(n * n for n in norms)) if norms else None,

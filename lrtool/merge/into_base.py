@@ -57,16 +57,20 @@ def open_base(path: str | Path) -> ModelFiles:
 def check_fits(plan: MergePlan, base: ModelFiles) -> None:
     """Every merged module must be a floating-point weight of the base, shaped as the adapters say."""
     for name, inputs in plan.inputs.items():
-        key = f"{name}.weight"
-        if key not in base.tensors:
+        key = base.weight_key(name)
+        if key is None:
             raise IncompatibleError(
-                f"module '{name}' of the adapters is not in the base {base.directory} (no tensor '{key}')"
+                f"module '{name}' of the adapters is not in the base {base.directory} (no tensor "
+                f"'{name}.weight')"
             )
         shard, dtype, shape = base.tensors[key].shard, base.tensors[key].dtype, base.tensors[key].shape
         out_features, in_features = inputs.shape
         expected = (
             [in_features, out_features] if plan.metadata["fan_in_fan_out"] else [out_features, in_features]
         )
+        conv = next(m for m in inputs.modules if m is not None)
+        if conv.kernel is not None:  # a conv weight [out, in, *kernel]
+            expected = list(conv.weight_shape)
         if shape != expected and plan.metadata["fan_in_fan_out"] and shape == list(inputs.shape):
             raise IncompatibleError(
                 f"the adapters set fan_in_fan_out (GPT-2's Conv1D stores weights [in, out]) but '{key}' "
@@ -89,25 +93,38 @@ def check_fits(plan: MergePlan, base: ModelFiles) -> None:
 
 
 def write_model(plan: MergePlan, base: ModelFiles, directory: Path) -> dict[str, dict]:
-    """Write the merged model into `directory`; return the receipt's row for every module."""
-    targets = {f"{name}.weight": name for name in plan.inputs}
+    """Write the merged model into `directory` (a pipeline's components into their folders); return the
+    receipt's row for every module."""
+    targets = {base.weight_key(name): name for name in plan.inputs}
     rows: dict[str, dict] = {}
-    weight_map = {}
-    total = 0
+    indexes: dict[Path, tuple[dict, int]] = {}  # index -> (its weight_map, total size)
     for shard in base.shards:
-        total += _write_shard(plan, base, shard, directory / shard.name, targets, rows)
-        weight_map.update({key: shard.name for key in base.headers[shard][1] if key != "__metadata__"})
-    if base.index is not None:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (directory / base.index.name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    for path in sorted(base.directory.iterdir()):
-        if (
-            path.is_file()
-            and path.suffix in COPIED_SUFFIXES
-            and path.name not in NOT_COPIED
-            and not path.name.endswith(".safetensors.index.json")
-        ):
-            shutil.copyfile(path, directory / path.name)
+        target = directory / shard.relative_to(base.directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        size = _write_shard(plan, base, shard, target, targets, rows)
+        index = base.index_of[shard]
+        if index is not None:
+            weight_map, total = indexes.get(index, ({}, 0))
+            weight_map.update({key: shard.name for key in base.headers[shard][1] if key != "__metadata__"})
+            indexes[index] = (weight_map, total + size)
+    for index, (weight_map, total) in indexes.items():
+        content = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        text = json.dumps(content, indent=2) + "\n"
+        (directory / index.relative_to(base.directory)).write_text(text, encoding="utf-8")
+    folders = [base.directory] + [
+        p for p in sorted(base.directory.iterdir()) if base.components and p.is_dir()
+    ]
+    for folder in folders:  # a pipeline: its scheduler's, tokenizer's and components' files too
+        for path in sorted(folder.iterdir()):
+            if (
+                path.is_file()
+                and path.suffix in COPIED_SUFFIXES
+                and path.name not in NOT_COPIED
+                and not path.name.endswith(".safetensors.index.json")
+            ):
+                target = directory / path.relative_to(base.directory)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
     return {name: rows[name] for name in sorted(rows)}
 
 
@@ -141,6 +158,7 @@ def _write_shard(
         out.write(len(text).to_bytes(8, "little"))
         out.write(text)
         for key, info in entries:
+            key = base.key_of(source, key)
             if key not in targets:
                 begin, end = info["data_offsets"]
                 reader.seek(data_start + begin)
@@ -161,6 +179,9 @@ def _merged_weight(plan: MergePlan, name: str, weight: torch.Tensor, shard: Path
     temporaries are freed as soon as possible: the peak is about three float64 copies of one weight."""
     if not all_finite(weight):
         raise InputError(f"{shard}: '{name}.weight' has non-finite values (NaN or inf)")
+    if weight.dim() > 2:  # a conv weight [out, in, *kernel]: the update is over the flattened kernel
+        merged = _merged_weight(plan, name, weight.reshape(weight.shape[0], -1), shard, rows)
+        return merged.reshape(weight.shape)
     device = fused.device_for(plan, into_base=True)
     if device is not None:  # the fused kernel: update, add and cast in one pass
         merged, rows[name] = fused.into_base(plan, name, weight, device)

@@ -36,7 +36,7 @@ from lrtool.adapters import (
     check_computable,
     match_module_names,
     same_base,
-    save_adapter,
+    save_as,
 )
 from lrtool.errors import IncompatibleError, InputError, UsageError
 from lrtool.merge import fused, get, receipt
@@ -59,9 +59,10 @@ class MergeResult:
     adapter: Adapter
     report: dict
 
-    def save(self, directory: str | Path) -> None:
-        """Write the PEFT directory and merge_report.json into `directory` (atomicity is the caller's)."""
-        save_adapter(self.adapter, Path(directory))
+    def save(self, directory: str | Path, format: str = "peft") -> None:
+        """Write the adapter in `format` (a PEFT directory by default) and merge_report.json into
+        `directory` (atomicity is the caller's)."""
+        save_as(self.adapter, Path(directory), format)
         receipt.write(self.report, directory)
 
 
@@ -121,7 +122,8 @@ class MergePlan:
             "norm": norm,
             "truncated": rank is not None and rank < min(inputs.shape),
         }
-        return LoraModule(A=A, B=B, scale=1.0), row
+        kernel = next(m.kernel for m in inputs.modules if m is not None)  # plan_merge checked they agree
+        return LoraModule(A=A, B=B, scale=1.0, kernel=kernel), row
 
     def from_linear(self, inputs: ModuleInputs, exact: Update) -> float:
         """||exact - linear||_F / ||linear||_F: how far the method's result is from sum_i w_i dW_i."""
@@ -191,6 +193,8 @@ def plan_merge(
     narrow = dtype.itemsize < 2  # float8: too coarse for a merge's result (and no arithmetic in torch)
     dtype = torch.float32 if narrow else dtype
     task_types = [a.metadata.get("task_type") for a in adapters if a.metadata.get("task_type")]
+    # peft's task_type says what the model is: a causal LM for LM adapters, none for a diffusers model's
+    language_models = all(a.format in ("peft", "torchtune", "mlx") for a in adapters)
     plan = MergePlan(
         method=method,
         settings=settings,
@@ -200,7 +204,7 @@ def plan_merge(
         base=base,
         metadata={
             "fan_in_fan_out": fan_in_fan_out,
-            "task_type": task_types[0] if task_types else "CAUSAL_LM",
+            "task_type": task_types[0] if task_types else "CAUSAL_LM" if language_models else None,
         },
     )
     plan.notes.extend(_plan_notes(plan, mixed_dtypes=mixed_dtypes, narrow=narrow))
@@ -246,15 +250,18 @@ def _common_flag(adapters: Sequence[Adapter], key: str) -> bool:
 
 
 def _common_shape(name: str, modules: Sequence[LoraModule | None], sources: Sequence[str]) -> tuple[int, int]:
-    shapes = [((m.out_features, m.in_features), s) for m, s in zip(modules, sources) if m is not None]
+    # The weights' shapes: a conv layer's [out, in, *kernel] differs from a linear layer's [out, in].
+    shapes = [(m.weight_shape, s) for m, s in zip(modules, sources) if m is not None]
     for shape, source in shapes[1:]:
         if shape != shapes[0][0]:
             first = list(shapes[0][0])
+            label = "(out, in)" if len(first) == 2 else "(out, in, *kernel)"
             raise IncompatibleError(
-                f"module '{name}' is {first} (out, in) in {shapes[0][1]} but {list(shape)} in {source}: "
+                f"module '{name}' is {first} {label} in {shapes[0][1]} but {list(shape)} in {source}: "
                 "adapters for different bases"
             )
-    return shapes[0][0]
+    first = next(m for m in modules if m is not None)
+    return (first.out_features, first.in_features)
 
 
 def match_names(adapters: Sequence[Adapter], base: ModelFiles | None) -> list[Adapter]:
@@ -267,9 +274,12 @@ def match_names(adapters: Sequence[Adapter], base: ModelFiles | None) -> list[Ad
     return [match_module_names(adapter, module_names) for adapter in adapters]
 
 
-def check_names_matched(adapters: Sequence[Adapter], base: ModelFiles | None) -> None:
+def check_names_matched(adapters: Sequence[Adapter], base: ModelFiles | None, format: str = "peft") -> None:
     """A kohya module name still underscore-mangled after matching would be written under a name no model
-    has: refuse it rather than write an adapter peft cannot apply."""
+    has: refuse it rather than write an adapter peft cannot apply. Written as kohya (`format`), kohya names
+    are what the file should hold: two kohya files merge by their names."""
+    if format == "kohya" and base is None:
+        return
     for adapter in adapters:
         if adapter.format != "kohya":
             continue
@@ -278,9 +288,9 @@ def check_names_matched(adapters: Sequence[Adapter], base: ModelFiles | None) ->
             where = (
                 f"the base {base.source}"
                 if base is not None
-                else "the other adapters (or pass --into-base BASE)"
+                else "the other adapters (or pass --into-base BASE, or --format kohya)"
             )
             raise IncompatibleError(
                 f"{adapter.source}: kohya module '{unmatched[0]}' matches no module path of {where}; "
-                "kohya names can only be merged once matched to the model's module paths"
+                "kohya names can only be merged into another format once matched to the model's module paths"
             )
