@@ -27,7 +27,7 @@ def build(plan, rows: dict[str, dict], into_base: ModelFiles | None = None) -> d
     `into_base`, added to that base's weights: method, weights, parameters, seed, inputs (with sha256),
     per-module rows, summary."""
     output = "adapter" if into_base is None else "model"
-    parameters = {p.name: getattr(plan.settings, p.name) for p in plan.method.parameters}
+    parameters = {p.name: getattr(plan.settings, p.attribute) for p in plan.method.parameters}
     inputs = []
     for adapter in plan.adapters:
         path = Path(adapter.source) if adapter.source else None

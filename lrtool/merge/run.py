@@ -32,11 +32,13 @@ def run(
     allow_base_mismatch: bool = False,
     force: bool = False,
     manifest: io.Manifest | None = None,
+    **parameters,
 ) -> dict:
     """Merge the adapters at `paths` with `method` into the directory `out` (into the weights of the model
     directory `into_base` when given) and return the receipt. Every check is done before anything is
-    written; a failure leaves no output. Raises UsageError, InputError or IncompatibleError (what plan_merge
-    and into_base refuse) and OutputExistsError (an output that is not free: outputs.check_output_free)."""
+    written; a failure leaves no output. `parameters`: the method's others, as plan_merge takes them. Raises
+    UsageError, InputError or IncompatibleError (what plan_merge and into_base refuse) and OutputExistsError
+    (an output that is not free: outputs.check_output_free)."""
     inputs = [*paths, *([into_base] if into_base else [])]
     outputs.check_output_free(out, force, inputs, directory=True)  # before the work, so none is wasted
 
@@ -55,6 +57,7 @@ def run(
         seed,
         into_base=base is not None,
         allow_base_mismatch=allow_base_mismatch,
+        **parameters,
     )
     check_names_matched(adapters, base)  # also when no name is dotted (only kohya inputs, no base)
     if base is not None:

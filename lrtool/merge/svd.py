@@ -7,11 +7,12 @@ by default per module the largest rank any input has for it; a K at least sum r_
 exactly. The receipt's from_linear is the truncation's relative error.
 """
 
-from lrtool import lowrank
 from lrtool.merge.base import Method, ModuleInputs, Parameter, Settings, Update, balanced
 
 
 def svd(module: ModuleInputs, settings: Settings) -> Update:
+    from lrtool import lowrank
+
     U, S, Vh = lowrank.factored_svd(*module.linear())
     return balanced(U, S, Vh, settings.rank or module.max_rank)
 
