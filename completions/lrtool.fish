@@ -55,11 +55,15 @@ complete -c lrtool -n '__fish_seen_subcommand_from train' -F
 
 # lrtool merge
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -s o -l out -r -F -d 'Output directory (printed on stdout).'
-complete -c lrtool -n '__fish_seen_subcommand_from merge' -l method -x -a 'linear svd factor-avg ties dare-linear dare-ties magnitude-prune knots' -d 'Merge method (see --list).'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l method -x -a 'linear svd factor-avg ties dare-linear dare-ties magnitude-prune knots task-arithmetic della della-linear breadcrumbs breadcrumbs-ties sce slerp karcher tsv iso-c iso-cts core-space' -d 'Merge method (see --list).'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -l weights -r -F -d 'One weight per adapter (default: 1/N each); negative weights negate.'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -s r -l rank -x -d 'svd: the rank kept; dense methods and knots: the rank the result is stored at (default: per module, the largest input rank; knots: exact).'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -l density -x -d 'ties, dare-*, magnitude-prune, knots: fraction of entries kept, in (0, 1] (default 0.5).'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -l seed -x -d 'dare-*: seed of the drop masks (default 0).'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l epsilon -x -d 'della, della-linear: keep probabilities run from D - epsilon (a row\'s smallest entry) to D + epsilon (its largest) (default 0.15).'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l lambda -x -d 'della, della-linear: multiply the merged update by lambda (default 1).'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l gamma -x -d 'breadcrumbs, breadcrumbs-ties: fraction of largest-magnitude entries dropped, in [0, 1) (default 0.01).'
+complete -c lrtool -n '__fish_seen_subcommand_from merge' -l t -x -d 'slerp: where between its two adapters, 0 the first and 1 the second (default 0.5).'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -l into-base -r -F -d 'Add the exact update to this Hugging Face model directory\'s weights and write the whole model instead of an adapter.'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -l allow-base-mismatch -d 'Merge adapters whose configs name different bases (e.g. one model under two names).'
 complete -c lrtool -n '__fish_seen_subcommand_from merge' -l list -d 'Print the methods as JSON lines (name, summary, parameters) and exit.'

@@ -82,11 +82,15 @@ _lrtool_train() {
 _lrtool_merge() {
   _arguments -s -S \
     '(-o --out)'{-o+,--out=}'[Output directory (printed on stdout).]:DIR:_files' \
-    '--method=[Merge method (see --list).]:METHOD:(linear svd factor-avg ties dare-linear dare-ties magnitude-prune knots)' \
+    '--method=[Merge method (see --list).]:METHOD:(linear svd factor-avg ties dare-linear dare-ties magnitude-prune knots task-arithmetic della della-linear breadcrumbs breadcrumbs-ties sce slerp karcher tsv iso-c iso-cts core-space)' \
     '--weights=[One weight per adapter (default\: 1/N each); negative weights negate.]:W1,W2,...:_files' \
     '(-r --rank)'{-r+,--rank=}'[svd\: the rank kept; dense methods and knots\: the rank the result is stored at (default\: per module, the largest input rank; knots\: exact).]:INT: ' \
     '--density=[ties, dare-*, magnitude-prune, knots\: fraction of entries kept, in (0, 1\] (default 0.5).]:FLOAT: ' \
     '--seed=[dare-*\: seed of the drop masks (default 0).]:INT: ' \
+    '--epsilon=[della, della-linear\: keep probabilities run from D - epsilon (a row'\''s smallest entry) to D + epsilon (its largest) (default 0.15).]:FLOAT: ' \
+    '--lambda=[della, della-linear\: multiply the merged update by lambda (default 1).]:FLOAT: ' \
+    '--gamma=[breadcrumbs, breadcrumbs-ties\: fraction of largest-magnitude entries dropped, in \[0, 1) (default 0.01).]:FLOAT: ' \
+    '--t=[slerp\: where between its two adapters, 0 the first and 1 the second (default 0.5).]:FLOAT: ' \
     '--into-base=[Add the exact update to this Hugging Face model directory'\''s weights and write the whole model instead of an adapter.]:BASE:_files' \
     '--allow-base-mismatch[Merge adapters whose configs name different bases (e.g. one model under two names).]' \
     '--list[Print the methods as JSON lines (name, summary, parameters) and exit.]' \

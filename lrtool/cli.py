@@ -531,9 +531,27 @@ def _merge_method_names() -> tuple[str, ...]:
 MergeMethod = _split_enum("MergeMethod", _merge_method_names())
 
 
+def _merge_epilog() -> str:
+    """Every method, its summary and its flags with their defaults, from the registry (no torch)."""
+    from lrtool.merge import describe_methods
+
+    lines = []
+    for method in describe_methods():
+        flags = ", ".join(
+            f"--{name}" + ("" if spec["default"] is None else f" {spec['default']:g}")
+            for name, spec in method["parameters"].items()
+        )
+        lines.append(f"- {method['name']}: {method['summary']}" + (f"; takes {flags}" if flags else ""))
+    return (
+        "Methods (`lrtool merge --list` prints each as a JSON line, every parameter's meaning included):\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+    )
+
+
 @app.command(
     "merge",
-    epilog="Examples:\n\n"
+    epilog=_merge_epilog() + "Examples:\n\n"
     "  lrtool merge hop1/ hop2/ --method linear -o merged/\n\n"
     "  lrtool merge a/ b/ c/ --method svd --rank 16 -o abc-svd/\n\n"
     "  lrtool merge a/ b/ --method ties --density 0.3 --weights 1,0.5 -o ab-ties/\n\n"
@@ -593,6 +611,44 @@ def merge_command(
             min=0,
             max=MAX_SEED,
             help="dare-*: seed of the drop masks (default 0).",
+            show_default=False,
+        ),
+    ] = None,
+    epsilon: Annotated[
+        float | None,
+        _opt(
+            "--epsilon",
+            callback=_finite,
+            help="della, della-linear: keep probabilities run from D - epsilon (a row's smallest entry) to "
+            "D + epsilon (its largest) (default 0.15).",
+            show_default=False,
+        ),
+    ] = None,
+    lambda_: Annotated[
+        float | None,
+        _opt(
+            "--lambda",
+            callback=_finite,
+            help="della, della-linear: multiply the merged update by lambda (default 1).",
+            show_default=False,
+        ),
+    ] = None,
+    gamma: Annotated[
+        float | None,
+        _opt(
+            "--gamma",
+            callback=_finite,
+            help="breadcrumbs, breadcrumbs-ties: fraction of largest-magnitude entries dropped, in [0, 1) "
+            "(default 0.01).",
+            show_default=False,
+        ),
+    ] = None,
+    t: Annotated[
+        float | None,
+        _opt(
+            "--t",
+            callback=_finite,
+            help="slerp: where between its two adapters, 0 the first and 1 the second (default 0.5).",
             show_default=False,
         ),
     ] = None,
@@ -662,6 +718,10 @@ def merge_command(
         allow_base_mismatch=allow_base_mismatch,
         force=force,
         manifest=io.Manifest(["lrtool", *SESSION.argv], extra={"method": method.value}),
+        epsilon=epsilon,
+        lambda_=lambda_,
+        gamma=gamma,
+        t=t,
     )
     for line in summary_lines(report):
         log.info("%s", line)
