@@ -96,8 +96,8 @@ def ref_best_rank(matrix, k):
 
 
 def ref_keep_middle(delta, density, gamma):
-    """Model Breadcrumbs' mask as mergekit's magnitude_outliers has it: drop the int(gamma n) largest, keep the
-    next int(D n) (fewer dropped from the top when they do not fit); earlier entries first among equals."""
+    """Model Breadcrumbs' mask as mergekit's magnitude_outliers has it: drop the int(gamma n) largest, keep
+    the next int(D n) (fewer dropped from the top when they do not fit); earlier ones first among equals."""
     if density >= 1:
         return delta
     flat = delta.ravel()
@@ -117,8 +117,8 @@ def ref_ties_sum(tensors, weights):
 
 
 def ref_della_drop(delta, density, epsilon, seed, module, index):
-    """mergekit's della_magprune on one update: per row, probabilities from D - e (smallest) to D + e (largest)
-    by magnitude rank; drawn as lrtool's counter-based bits with DELLA's key; then the l1 rescale."""
+    """mergekit's della_magprune on one update: per row, probabilities from D - e (smallest) to D + e
+    (largest) by magnitude rank; drawn as lrtool's counter-based bits with DELLA's key; the l1 rescale."""
     if density >= 1:
         return delta
     ranks = np.argsort(np.argsort(np.abs(delta), axis=1, kind="stable"), axis=1)  # 0 = smallest
@@ -162,7 +162,7 @@ def ref_slerp(v0, v1, t):
 
 
 def ref_karcher(deltas, weights, max_iter=10, tol=1e-5):
-    """mergekit's karcher_merge_tensors on dense float64 updates, alphas |w_i| and u_i negated where w_i < 0."""
+    """mergekit's karcher_merge_tensors on dense float64 updates, alphas |w_i|, u_i negated where w_i < 0."""
     norms = [np.linalg.norm(d) for d in deltas]
     valid = [i for i, n in enumerate(norms) if n > tol]
     alphas = [abs(weights[i]) / sum(abs(weights[j]) for j in valid) for i in valid]
