@@ -247,6 +247,9 @@ class Update:
     B: torch.Tensor | None = None
     A: torch.Tensor | None = None
     matrix: torch.Tensor | None = None
+    # ||self - linear||_F / ||linear||_F where the method knows it exactly from its own computation (svd:
+    # the tail of the linear sum's spectrum), so the receipt need not measure it again
+    from_linear: float | None = None
 
     @classmethod
     def factored(cls, B: torch.Tensor, A: torch.Tensor) -> Update:
@@ -285,8 +288,19 @@ class Update:
         return float(torch.linalg.matrix_norm(self.matrix))
 
     def distance(self, B: torch.Tensor, A: torch.Tensor) -> float:
-        """||self - B @ A||_F, in float64; from factors when self is factored."""
-        return self.norm_and_distance(B, A)[1]
+        """||self - B @ A||_F, in float64; from factors when self is factored (as norm_and_distance)."""
+        import torch
+
+        from lrtool import lowrank
+
+        B, A = B.to(torch.float64), A.to(torch.float64)
+        if not self.is_factored:
+            return float(torch.linalg.matrix_norm(self.matrix - B @ A))
+        if self.A.shape == A.shape and torch.equal(self.A, A):
+            return lowrank.norm(self.B - B, A)
+        if self.B.shape == B.shape and torch.equal(self.B, B):
+            return lowrank.norm(B, self.A - A)
+        return lowrank.distance(self.B, self.A, B, A)
 
     def norm_and_distance(self, B: torch.Tensor, A: torch.Tensor) -> tuple[float, float]:
         """(||self||_F, ||self - B @ A||_F), in float64: the receipt's norm and error of a stored module.
@@ -304,6 +318,8 @@ class Update:
             return self.norm(), float(torch.linalg.matrix_norm(self.matrix - B @ A))
         if self.A.shape == A.shape and torch.equal(self.A, A):
             gram_a = self.A @ self.A.T
+            if self.B.shape == B.shape and torch.equal(self.B, B):
+                return _root(self.B.T @ self.B, gram_a), 0.0  # stored bit for bit
             difference = self.B - B
             return _root(self.B.T @ self.B, gram_a), _root(difference.T @ difference, gram_a)
         if self.B.shape == B.shape and torch.equal(self.B, B):

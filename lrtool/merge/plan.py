@@ -124,7 +124,10 @@ class MergePlan:
         return LoraModule(A=A, B=B, scale=1.0), row
 
     def from_linear(self, inputs: ModuleInputs, exact: Update) -> float:
-        """||exact - linear||_F / ||linear||_F: how far the method's result is from sum_i w_i dW_i."""
+        """||exact - linear||_F / ||linear||_F: how far the method's result is from sum_i w_i dW_i (as the
+        method gives it, where it knows it: svd's spectrum)."""
+        if exact.from_linear is not None:
+            return exact.from_linear
         linear = Update.factored(*inputs.linear())
         if exact.is_factored:
             if exact.B is linear.B and exact.A is linear.A:
