@@ -140,10 +140,12 @@ class MergePlan:
     def to_adapter(self) -> MergeResult:
         """Compute every module and store the merge as a LoRA adapter (in memory), with its receipt."""
         modules, rows = {}, {}
-        for name in self.inputs:
-            modules[name], rows[name] = self.store(name)
+        with receipt.hashing_in_background(self.adapters) as hashes:
+            for name in self.inputs:
+                modules[name], rows[name] = self.store(name)
+            report = receipt.build(self, rows, hashes=hashes())
         adapter = Adapter(modules=modules, base=self.base, format="peft", metadata=dict(self.metadata))
-        return MergeResult(adapter=adapter, report=receipt.build(self, rows))
+        return MergeResult(adapter=adapter, report=report)
 
 
 def plan_merge(
