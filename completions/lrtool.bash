@@ -14,7 +14,7 @@ _lrtool_options() {  # every option spelling of a command
         '') REPLY='-q --quiet -v --verbose --debug --version -h --help' ;;
         'train') REPLY='--base -o --out --full -r --rank --alpha --rslora --dropout --targets --init --train-tokens --vocab-from --lr --weight-decay --epochs --max-steps --batch-size --grad-accum --warmup --schedule --loss --chat-template --until-accuracy --check-every --check-sample --seed --device --dtype --max-length --log-every --resume --trust-remote-code --force -q --quiet -v --verbose -h --help' ;;
         'merge') REPLY='-o --out --method --weights -r --rank --density --seed --epsilon --lambda --gamma --t --into-base --allow-base-mismatch --list --force -q --quiet -v --verbose -h --help' ;;
-        'diagnose') REPLY='--base --fail-on --table --plot --force -q --quiet -v --verbose -h --help' ;;
+        'diagnose') REPLY='--base --fail-on --table --exact-sign-conflicts --plot --force -q --quiet -v --verbose -h --help' ;;
         'eval') REPLY='--base --system --adapter --model --score --choices --max-choices --by --bootstrap --reference --limit --batch-size --max-new-tokens --chat-template --device --dtype --seed -o --out --predictions --table --plot --fail-under --trust-remote-code --force -q --quiet -v --verbose -h --help' ;;
         'route') REPLY='-o --out --method --top-k --temperature --mix --general --examples --layer --budget --seed --by --map --base --explain --batch-size --list --force -q --quiet -v --verbose -h --help' ;;
         'gen-data') REPLY='-h --help' ;;

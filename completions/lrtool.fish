@@ -77,6 +77,7 @@ complete -c lrtool -n '__fish_seen_subcommand_from merge' -F
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l base -r -F -d 'A local Hugging Face model directory: report modules it lacks or shapes it disagrees with, and relative_norm = ||dW|| / ||W||.'
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l fail-on -x -a 'error warning' -d 'Exit 3, after writing the report, when a finding is at or above this severity.'
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l table -d 'Also print a summary table to stderr.'
+complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l exact-sign-conflicts -d 'Count sign conflicts over every entry of large pairs too (a 7B-sized pair: several times longer) instead of estimating them from 2^20 sampled entries.'
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l plot -r -F -d 'Draw the spectra and the pairwise cosine matrix (needs matplotlib).'
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -l force -d 'Replace an existing output (only one lrtool wrote).'
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -s q -l quiet -d 'Print nothing but data and errors.'

@@ -106,6 +106,7 @@ _lrtool_diagnose() {
     '--base=[A local Hugging Face model directory\: report modules it lacks or shapes it disagrees with, and relative_norm = ||dW|| / ||W||.]:DIR:_files' \
     '--fail-on=[Exit 3, after writing the report, when a finding is at or above this severity.]:SEVERITY:(error warning)' \
     '--table[Also print a summary table to stderr.]' \
+    '--exact-sign-conflicts[Count sign conflicts over every entry of large pairs too (a 7B-sized pair\: several times longer) instead of estimating them from 2^20 sampled entries.]' \
     '--plot=[Draw the spectra and the pairwise cosine matrix (needs matplotlib).]:FILE.png:_files' \
     '--force[Replace an existing output (only one lrtool wrote).]' \
     '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \

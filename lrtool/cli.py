@@ -786,6 +786,14 @@ def diagnose_command(
         ),
     ] = None,
     table: Annotated[bool, _opt("--table", help="Also print a summary table to stderr.")] = False,
+    exact_sign_conflicts: Annotated[
+        bool,
+        _opt(
+            "--exact-sign-conflicts",
+            help="Count sign conflicts over every entry of large pairs too (a 7B-sized pair: several times "
+            "longer) instead of estimating them from 2^20 sampled entries.",
+        ),
+    ] = False,
     plot: Annotated[
         str | None,
         _opt(
@@ -813,8 +821,10 @@ def diagnose_command(
     Per pair: the cosine of the whole updates (every module's dW concatenated, missing ones as zero) and per
     module; column_overlap and row_overlap, the mean squared cosine of the principal angles between the
     updates' column (row) spaces; sign_conflict, the TIES sign-conflict rate (entries of the dense updates,
-    among those non-zero in both, whose signs differ); factor_avg_error, the relative error of averaging A
-    and B separately against the exact average of the updates (over common modules of equal rank);
+    among those non-zero in both, whose signs differ: exact, or for a pair sharing more than 2^28 entries an
+    estimate from 2^20 entries drawn uniformly, reproducibly, with sign_conflict_estimate giving their number
+    and the 95% interval; --exact-sign-conflicts counts all); factor_avg_error, the relative error of
+    averaging A and B separately against the exact average of the updates (over common modules of equal rank);
     base_mismatch, whether the adapters declare different bases (as merge judges it: local paths resolved);
     and a verdict: low, moderate or high interference, or incompatible.
 
@@ -834,7 +844,7 @@ def diagnose_command(
     if plot is not None:
         diagnosis.check_plot_available()
         outputs.check_output_free(plot, force, inputs)
-    report = diagnosis.diagnose(paths, base)
+    report = diagnosis.diagnose(paths, base, exact_sign_conflicts=exact_sign_conflicts)
     with outputs.atomic_output_file(io.STDIO) as handle:
         handle.write(io.dumps_report(report))
     if table:
