@@ -904,7 +904,7 @@ def _diagnose_table(report: dict) -> None:
                 str(j + 1),
                 number(pair["cosine"]),
                 f"{number(pair['column_overlap'])}/{number(pair['row_overlap'])}",
-                number(pair["sign_conflict"]),
+                ("~" if pair.get("sign_conflict_estimate") else "") + number(pair["sign_conflict"]),
                 number(pair["factor_avg_error"]),
                 pair["verdict"],
             )
