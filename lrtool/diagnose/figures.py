@@ -31,7 +31,7 @@ LOSSY_FACTOR_AVG = 0.5  # factor-avg's relative error above which the verdict sa
 
 _EPS64 = 2.220446049250313e-16  # float64 machine epsilon: numerical rank as numpy's matrix_rank counts it
 _UNIT32 = 2.0**-24  # float32 unit roundoff
-_SIGN_BLOCK_ENTRIES = 1 << 18  # entries of each float32 block of both updates (2 x 1 MB)
+_SIGN_BLOCK_ENTRIES = 1 << 20  # entries of each float32 block of both updates (2 x 4 MB)
 EXACT_SIGN_ENTRIES = 1 << 28  # a pair with more common dense entries gets an estimated sign-conflict rate
 SIGN_SAMPLES = 1 << 20  # entries the estimate draws (its 95% interval is about +-0.001 wide)
 
@@ -125,12 +125,12 @@ def _sign_conflicts(a: LoraModule, b: LoraModule) -> tuple[int, int]:
         z.mul_(w)
         torch.sign(z, out=w)  # +1 where the signs agree, -1 where they differ
         torch.le(z.abs_(), threshold, out=small)
-        where = torch.nonzero(small)  # too close to zero to tell in float32: taken out, done in float64
-        agreement += int(w.sum()) - int(w[where[:, 0], where[:, 1]].sum())
+        where = torch.nonzero(small.view(-1))[:, 0]  # too close to zero to tell in float32: done in float64
+        agreement += int(w.sum()) - int(w.view(-1)[where].sum())
         settled += count * width - len(where)
-        unsettled.append(where + torch.tensor([start, 0]))
+        unsettled.append(where.add_(start * width))
     where = torch.cat(unsettled)
-    conflicts, both = _float64_signs(a, b, rows[where[:, 0]], columns[where[:, 1]])
+    conflicts, both = _float64_signs(a, b, rows[where // width], columns[where % width])
     disagreeing = (settled - agreement) // 2
     return conflicts + (settled - disagreeing if opposite else disagreeing), both + settled
 
