@@ -13,8 +13,8 @@ _lrtool_options() {  # every option spelling of a command
     case $1 in
         '') REPLY='-q --quiet -v --verbose --debug --version -h --help' ;;
         'train') REPLY='--base -o --out --full -r --rank --alpha --rslora --dropout --targets --init --train-tokens --vocab-from --lr --weight-decay --epochs --max-steps --batch-size --grad-accum --warmup --schedule --loss --chat-template --until-accuracy --check-every --check-sample --seed --device --dtype --max-length --log-every --resume --trust-remote-code --force -q --quiet -v --verbose -h --help' ;;
-        'merge') REPLY='-o --out --method --weights -r --rank --density --seed --into-base --allow-base-mismatch --format --list --force -q --quiet -v --verbose -h --help' ;;
-        'diagnose') REPLY='--base --fail-on --table --plot --force -q --quiet -v --verbose -h --help' ;;
+        'merge') REPLY='-o --out --method --weights -r --rank --density --seed --epsilon --lambda --gamma --t --into-base --allow-base-mismatch --format --list --force -q --quiet -v --verbose -h --help' ;;
+        'diagnose') REPLY='--base --fail-on --table --exact-sign-conflicts --plot --force -q --quiet -v --verbose -h --help' ;;
         'eval') REPLY='--base --system --adapter --model --score --choices --max-choices --by --bootstrap --reference --limit --batch-size --max-new-tokens --chat-template --device --dtype --seed -o --out --predictions --table --plot --fail-under --trust-remote-code --force -q --quiet -v --verbose -h --help' ;;
         'route') REPLY='-o --out --method --top-k --temperature --mix --general --examples --layer --budget --seed --by --map --base --explain --batch-size --list --force -q --quiet -v --verbose -h --help' ;;
         'gen-data') REPLY='-h --help' ;;
@@ -28,7 +28,7 @@ _lrtool_value_options() {  # the options that take a value
     case $1 in
         '') REPLY='' ;;
         'train') REPLY='--base -o --out -r --rank --alpha --dropout --targets --init --train-tokens --vocab-from --lr --weight-decay --epochs --max-steps --batch-size --grad-accum --warmup --schedule --loss --until-accuracy --check-every --check-sample --seed --device --dtype --max-length --log-every' ;;
-        'merge') REPLY='-o --out --method --weights -r --rank --density --seed --into-base --format' ;;
+        'merge') REPLY='-o --out --method --weights -r --rank --density --seed --epsilon --lambda --gamma --t --into-base --format' ;;
         'diagnose') REPLY='--base --fail-on --plot' ;;
         'eval') REPLY='--base --system --adapter --model --score --choices --max-choices --by --bootstrap --reference --limit --batch-size --max-new-tokens --device --dtype --seed -o --out --predictions --plot --fail-under' ;;
         'route') REPLY='-o --out --method --top-k --temperature --mix --general --examples --layer --budget --seed --by --map --base --explain --batch-size' ;;
@@ -45,7 +45,7 @@ _lrtool_choices() {  # the values an option takes, by 'command|option'
         'train|--schedule') REPLY='cosine constant' ;;
         'train|--loss') REPLY='answer all' ;;
         'train|--dtype') REPLY='float32 bfloat16 float16' ;;
-        'merge|--method') REPLY='linear svd factor-avg ties dare-linear dare-ties magnitude-prune knots' ;;
+        'merge|--method') REPLY='linear svd factor-avg ties dare-linear dare-ties magnitude-prune knots task-arithmetic della della-linear breadcrumbs breadcrumbs-ties sce slerp karcher tsv iso-c iso-cts core-space' ;;
         'merge|--format') REPLY='peft kohya diffusers mlx' ;;
         'diagnose|--fail-on') REPLY='error warning' ;;
         'eval|--dtype') REPLY='float32 bfloat16 float16' ;;

@@ -82,11 +82,15 @@ _lrtool_train() {
 _lrtool_merge() {
   _arguments -s -S \
     '(-o --out)'{-o+,--out=}'[Output directory (printed on stdout).]:DIR:_files' \
-    '--method=[Merge method (see --list).]:METHOD:(linear svd factor-avg ties dare-linear dare-ties magnitude-prune knots)' \
+    '--method=[Merge method (see --list).]:METHOD:(linear svd factor-avg ties dare-linear dare-ties magnitude-prune knots task-arithmetic della della-linear breadcrumbs breadcrumbs-ties sce slerp karcher tsv iso-c iso-cts core-space)' \
     '--weights=[One weight per adapter (default\: 1/N each); negative weights negate.]:W1,W2,...:_files' \
     '(-r --rank)'{-r+,--rank=}'[svd\: the rank kept; dense methods and knots\: the rank the result is stored at (default\: per module, the largest input rank; knots\: exact).]:INT: ' \
     '--density=[ties, dare-*, magnitude-prune, knots\: fraction of entries kept, in (0, 1\] (default 0.5).]:FLOAT: ' \
     '--seed=[dare-*\: seed of the drop masks (default 0).]:INT: ' \
+    '--epsilon=[della, della-linear\: keep probabilities run from D - epsilon (a row'\''s smallest entry) to D + epsilon (its largest) (default 0.15).]:FLOAT: ' \
+    '--lambda=[della, della-linear\: multiply the merged update by lambda (default 1).]:FLOAT: ' \
+    '--gamma=[breadcrumbs, breadcrumbs-ties\: fraction of largest-magnitude entries dropped, in \[0, 1) (default 0.01).]:FLOAT: ' \
+    '--t=[slerp\: where between its two adapters, 0 the first and 1 the second (default 0.5).]:FLOAT: ' \
     '--into-base=[Add the exact update to this Hugging Face model directory'\''s weights (or a diffusers pipeline'\''s) and write the whole model instead of an adapter.]:BASE:_files' \
     '--allow-base-mismatch[Merge adapters whose configs name different bases (e.g. one model under two names).]' \
     '--format=[The merged adapter'\''s format (default\: the inputs'\'' own when they share one, else peft)\: peft (adapter_config.json + adapter_model.safetensors), kohya (lora.safetensors), diffusers (pytorch_lora_weights.safetensors) or mlx (mlx-lm'\''s adapters.safetensors + adapter_config.json).]:ADAPTER_FORMAT:(peft kohya diffusers mlx)' \
@@ -103,6 +107,7 @@ _lrtool_diagnose() {
     '--base=[A local Hugging Face model directory, or a diffusers pipeline'\''s (or one component'\''s)\: report modules it lacks or shapes it disagrees with, and relative_norm = ||dW|| / ||W||.]:DIR:_files' \
     '--fail-on=[Exit 3, after writing the report, when a finding is at or above this severity.]:SEVERITY:(error warning)' \
     '--table[Also print a summary table to stderr.]' \
+    '--exact-sign-conflicts[Count sign conflicts over every entry of large pairs too (a 7B-sized pair\: several times longer) instead of estimating them from 2^20 sampled entries.]' \
     '--plot=[Draw the spectra and the pairwise cosine matrix (needs matplotlib).]:FILE.png:_files' \
     '--force[Replace an existing output (only one lrtool wrote).]' \
     '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \

@@ -532,9 +532,27 @@ MergeMethod = _split_enum("MergeMethod", _merge_method_names())
 AdapterFormat = _split_enum("AdapterFormat", formats.WRITTEN)
 
 
+def _merge_epilog() -> str:
+    """Every method, its summary and its flags with their defaults, from the registry (no torch)."""
+    from lrtool.merge import describe_methods
+
+    lines = []
+    for method in describe_methods():
+        flags = ", ".join(
+            f"--{name}" + ("" if spec["default"] is None else f" {spec['default']:g}")
+            for name, spec in method["parameters"].items()
+        )
+        lines.append(f"- {method['name']}: {method['summary']}" + (f"; takes {flags}" if flags else ""))
+    return (
+        "Methods (`lrtool merge --list` prints each as a JSON line, every parameter's meaning included):\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+    )
+
+
 @app.command(
     "merge",
-    epilog="Examples:\n\n"
+    epilog=_merge_epilog() + "Examples:\n\n"
     "  lrtool merge hop1/ hop2/ --method linear -o merged/\n\n"
     "  lrtool merge a/ b/ c/ --method svd --rank 16 -o abc-svd/\n\n"
     "  lrtool merge a/ b/ --method ties --density 0.3 --weights 1,0.5 -o ab-ties/\n\n"
@@ -596,6 +614,44 @@ def merge_command(
             min=0,
             max=MAX_SEED,
             help="dare-*: seed of the drop masks (default 0).",
+            show_default=False,
+        ),
+    ] = None,
+    epsilon: Annotated[
+        float | None,
+        _opt(
+            "--epsilon",
+            callback=_finite,
+            help="della, della-linear: keep probabilities run from D - epsilon (a row's smallest entry) to "
+            "D + epsilon (its largest) (default 0.15).",
+            show_default=False,
+        ),
+    ] = None,
+    lambda_: Annotated[
+        float | None,
+        _opt(
+            "--lambda",
+            callback=_finite,
+            help="della, della-linear: multiply the merged update by lambda (default 1).",
+            show_default=False,
+        ),
+    ] = None,
+    gamma: Annotated[
+        float | None,
+        _opt(
+            "--gamma",
+            callback=_finite,
+            help="breadcrumbs, breadcrumbs-ties: fraction of largest-magnitude entries dropped, in [0, 1) "
+            "(default 0.01).",
+            show_default=False,
+        ),
+    ] = None,
+    t: Annotated[
+        float | None,
+        _opt(
+            "--t",
+            callback=_finite,
+            help="slerp: where between its two adapters, 0 the first and 1 the second (default 0.5).",
             show_default=False,
         ),
     ] = None,
@@ -679,6 +735,10 @@ def merge_command(
         format=adapter_format.value if adapter_format else None,
         force=force,
         manifest=io.Manifest(["lrtool", *SESSION.argv], extra={"method": method.value}),
+        epsilon=epsilon,
+        lambda_=lambda_,
+        gamma=gamma,
+        t=t,
     )
     for line in summary_lines(report):
         log.info("%s", line)
@@ -748,6 +808,14 @@ def diagnose_command(
         ),
     ] = None,
     table: Annotated[bool, _opt("--table", help="Also print a summary table to stderr.")] = False,
+    exact_sign_conflicts: Annotated[
+        bool,
+        _opt(
+            "--exact-sign-conflicts",
+            help="Count sign conflicts over every entry of large pairs too (a 7B-sized pair: several times "
+            "longer) instead of estimating them from 2^20 sampled entries.",
+        ),
+    ] = False,
     plot: Annotated[
         str | None,
         _opt(
@@ -776,8 +844,10 @@ def diagnose_command(
     Per pair: the cosine of the whole updates (every module's dW concatenated, missing ones as zero) and per
     module; column_overlap and row_overlap, the mean squared cosine of the principal angles between the
     updates' column (row) spaces; sign_conflict, the TIES sign-conflict rate (entries of the dense updates,
-    among those non-zero in both, whose signs differ); factor_avg_error, the relative error of averaging A
-    and B separately against the exact average of the updates (over common modules of equal rank);
+    among those non-zero in both, whose signs differ: exact, or for a pair sharing more than 2^28 entries an
+    estimate from 2^20 entries drawn uniformly, reproducibly, with sign_conflict_estimate giving their number
+    and the 95% interval; --exact-sign-conflicts counts all); factor_avg_error, the relative error of
+    averaging A and B separately against the exact average of the updates (over common modules of equal rank);
     base_mismatch, whether the adapters declare different bases (as merge judges it: local paths resolved);
     and a verdict: low, moderate or high interference, or incompatible.
 
@@ -797,7 +867,7 @@ def diagnose_command(
     if plot is not None:
         diagnosis.check_plot_available()
         outputs.check_output_free(plot, force, inputs)
-    report = diagnosis.diagnose(paths, base)
+    report = diagnosis.diagnose(paths, base, exact_sign_conflicts=exact_sign_conflicts)
     with outputs.atomic_output_file(io.STDIO) as handle:
         handle.write(io.dumps_report(report))
     if table:
@@ -859,7 +929,7 @@ def _diagnose_table(report: dict) -> None:
                 str(j + 1),
                 number(pair["cosine"]),
                 f"{number(pair['column_overlap'])}/{number(pair['row_overlap'])}",
-                number(pair["sign_conflict"]),
+                ("~" if pair.get("sign_conflict_estimate") else "") + number(pair["sign_conflict"]),
                 number(pair["factor_avg_error"]),
                 pair["verdict"],
             )

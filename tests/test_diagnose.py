@@ -644,3 +644,61 @@ def test_float8_factors_and_base_weights_are_read_in_float64(tmp_path):
     got = module(entry, Q0)
     assert got["singular_values"] == pytest.approx(s.tolist(), rel=1e-5)
     assert got["relative_norm"] == pytest.approx(float(s.norm() / weight.double().norm()), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sign conflicts: exact in float32 blocks, estimated for large pairs
+
+
+def dense_sign_conflicts(a, b) -> tuple[int, int]:
+    """The definition on the dense float64 updates."""
+    da, db = a.delta(), b.delta()
+    both = (da != 0) & (db != 0)
+    return int((both & (da.sign() != db.sign())).sum()), int(both.sum())
+
+
+def lora(out, inp, rank, scale, seed, dtype=torch.float32):
+    from lrtool.adapters import LoraModule
+
+    g = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(rank, inp, generator=g), torch.randn(out, rank, generator=g) * 0.01
+    return LoraModule(A=A.to(dtype), B=B.to(dtype), scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_sign_conflicts_counted_in_float32_blocks_equal_the_dense_float64_count(dtype):
+    """Mixed ranks, a negative scale, zero rows and columns, and entries exactly zero or within rounding of
+    zero (a row of B orthogonal to a column of A): the certified float32 count is the float64 one."""
+    from lrtool.diagnose.figures import _sign_conflicts
+
+    a, b = lora(70, 300, 4, 2.0, 1, dtype), lora(70, 300, 7, -0.5, 2, dtype)
+    a.B[3] = 0  # a zero row: nothing there is non-zero in both
+    b.A[:, 10] = 0  # a zero column
+    a.B[5, :2], a.A[:2, 20] = torch.tensor([1.0, 1.0]).to(dtype), torch.tensor([1.0, -1.0]).to(dtype)
+    a.B[5, 2:], a.A[2:, 20] = 0, 0  # entry (5, 20) of a's update is 1 - 1 = 0 exactly
+    a.A[:2, 21], a.A[2:, 21] = torch.tensor([1.0, 2.0**-23 - 1.0]).to(dtype), 0  # (5, 21): 2^-23, or 0 where
+    # the dtype rounds it away
+    assert _sign_conflicts(a, b) == dense_sign_conflicts(a, b)
+    assert _sign_conflicts(a, a) == (0, dense_sign_conflicts(a, a)[1])
+
+
+def test_a_large_pairs_sign_conflict_rate_is_a_labelled_estimate_whose_interval_holds_the_exact_one(
+    tmp_path, monkeypatch
+):
+    from lrtool.diagnose import figures, report
+
+    modules = {Q0: factors(Q0, 4, seed=1), GATE0: factors(GATE0, 4, seed=2)}
+    a = write_peft(tmp_path / "a", modules)
+    b = write_peft(tmp_path / "b", {name: factors(name, 4, seed=s) for name, s in ((Q0, 3), (GATE0, 4))})
+    exact = diagnose([str(a), str(b)])["pairs"][0]
+    assert exact["sign_conflict_estimate"] is None
+    monkeypatch.setattr(report, "EXACT_SIGN_ENTRIES", 100)  # these modules share far more entries
+    monkeypatch.setattr(figures, "SIGN_SAMPLES", 20_000)
+    estimated, again = (diagnose([str(a), str(b)])["pairs"][0] for _ in range(2))
+    label = estimated["sign_conflict_estimate"]
+    entries = sum(math.prod(SHAPES[name.split(".", 3)[3]]) for name in modules)
+    assert label["sampled_entries"] >= 20_000 and label["of_entries"] == entries
+    low, high = label["ci95"]
+    assert low < exact["sign_conflict"] < high and high - low < 0.03
+    assert estimated == again  # drawn from seeds: the same on every run
+    assert diagnose([str(a), str(b)], exact_sign_conflicts=True)["pairs"][0] == exact

@@ -19,6 +19,7 @@ from lrtool.merge import REGISTRY, describe_methods, get
 from lrtool.merge.base import parse_weights
 from lrtool.merge.plan import plan_merge
 from lrtool.merge.receipt import rounded
+from lrtool.merge.sparsify import DROP_NOTE
 
 torch.set_num_threads(1)
 
@@ -94,6 +95,161 @@ def ref_best_rank(matrix, k):
     return (U[:, :k] * S[:k]) @ Vh[:k]
 
 
+def ref_keep_middle(delta, density, gamma):
+    """Model Breadcrumbs' mask as mergekit's magnitude_outliers has it: drop the int(gamma n) largest, keep
+    the next int(D n) (fewer dropped from the top when they do not fit); earlier ones first among equals."""
+    if density >= 1:
+        return delta
+    flat = delta.ravel()
+    kept, top = int(density * flat.size), int(gamma * flat.size)
+    top = min(top, flat.size - kept)
+    order = np.argsort(-np.abs(flat), kind="stable")[top : top + kept]
+    result = np.zeros_like(flat)
+    result[order] = flat[order]
+    return result.reshape(delta.shape)
+
+
+def ref_ties_sum(tensors, weights):
+    """mergekit's consensus "sum" without normalising: the weighted values agreeing with the elected sign."""
+    weighted = np.stack([w * t for w, t in zip(weights, tensors)])
+    elected = np.where(weighted.sum(axis=0) >= 0, 1.0, -1.0)
+    return np.where(np.sign(weighted) == elected, weighted, 0.0).sum(axis=0)
+
+
+def ref_della_drop(delta, density, epsilon, seed, module, index):
+    """mergekit's della_magprune on one update: per row, probabilities from D - e (smallest) to D + e
+    (largest) by magnitude rank; drawn as lrtool's counter-based bits with DELLA's key; the l1 rescale."""
+    if density >= 1:
+        return delta
+    ranks = np.argsort(np.argsort(np.abs(delta), axis=1, kind="stable"), axis=1)  # 0 = smallest
+    probabilities = (density - epsilon) + (ranks / (delta.shape[1] - 1)) * (2 * epsilon)
+    digest = hashlib.sha256(f"lrtool-della\0{seed}\0{module}\0{index}".encode()).digest()
+    k0, k1 = (np.uint32(int.from_bytes(digest[i : i + 4], "little")) for i in (0, 4))
+    positions = np.arange(delta.size, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        words = ref_lowbias32(ref_lowbias32(positions ^ k0) ^ k1).astype(np.int64).reshape(delta.shape)
+    kept = np.where(words < np.round(probabilities * 2.0**32).astype(np.int64), delta, 0.0)
+    before, after = np.abs(delta).sum(), np.abs(kept).sum()
+    return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
+
+
+def ref_sce(deltas, weights, density):
+    """mergekit's sce (select by variance, weight by mean square, erase by sign), --weights scaling each
+    adapter's weight; the election on the w-weighted sum."""
+    values = np.stack(deltas)
+    if density < 1:
+        variance = values.var(axis=0).ravel()
+        k = int(np.count_nonzero(variance) * density)
+        mask = np.zeros(variance.size)
+        mask[np.argsort(-variance, kind="stable")[:k]] = 1
+        values = values * mask.reshape(values.shape[1:])
+    w = np.asarray(weights)[:, None, None]
+    omega = (values**2).mean(axis=(1, 2))[:, None, None] * w
+    agrees = np.sign(values * w) == np.where((values * w).sum(axis=0) >= 0, 1.0, -1.0)
+    divisor = np.where(agrees, omega, 0.0).sum(axis=0)
+    total = np.where(agrees, values * omega, 0.0).sum(axis=0)
+    return total / np.where(divisor == 0, 1.0, divisor)
+
+
+def ref_slerp(v0, v1, t):
+    """mergekit's slerp, on float64 dense updates."""
+    n0, n1 = np.linalg.norm(v0), np.linalg.norm(v1)
+    dot = np.sum((v0 / n0 if n0 > 1e-8 else v0) * (v1 / n1 if n1 > 1e-8 else v1))
+    if abs(dot) > 0.9995:
+        return (1 - t) * v0 + t * v1
+    theta = np.arccos(dot)
+    return (np.sin(theta - theta * t) * v0 + np.sin(theta * t) * v1) / np.sin(theta)
+
+
+def ref_karcher(deltas, weights, max_iter=10, tol=1e-5):
+    """mergekit's karcher_merge_tensors on dense float64 updates, alphas |w_i|, u_i negated where w_i < 0."""
+    norms = [np.linalg.norm(d) for d in deltas]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    alphas = [abs(weights[i]) / sum(abs(weights[j]) for j in valid) for i in valid]
+    units = [np.sign(weights[i]) * deltas[i] / norms[i] for i in valid]
+    u = sum(a * x for a, x in zip(alphas, units))
+    u = units[0] if np.linalg.norm(u) < tol else u / np.linalg.norm(u)
+    for _ in range(max_iter):
+        step = np.zeros_like(u)
+        for a, x in zip(alphas, units):
+            dot = np.clip(np.sum(u * x), -1.0, 1.0)
+            theta = np.arccos(dot)
+            if theta >= tol:
+                step += a * (theta / np.sin(theta)) * (x - dot * u)
+        length = np.linalg.norm(step)
+        if length < tol:
+            break
+        u = np.cos(length) * u + np.sin(length) * step / length
+        if np.linalg.norm(u) > tol:
+            u = u / np.linalg.norm(u)
+    return sum(abs(w) * n for w, n in zip(weights, norms)) * u
+
+
+def ref_rank(S, shape, scale=None):
+    return int((S > (S[0] if scale is None else scale) * max(shape) * np.finfo(float).eps).sum())
+
+
+def ref_polar(X):
+    P, _, Qh = np.linalg.svd(X, full_matrices=False)
+    return P @ Qh
+
+
+def ref_tsv(deltas, weights, present, k=None):
+    """TSV-Merge on dense updates: each task's top k singular triplets (at most its numerical rank),
+    concatenated, U and V orthogonalised by their polar factors, recombined with the weighted values."""
+    k = k or min(deltas[0].shape) // len(present)
+    Us, Ss, Vhs = [], [], []
+    for i in present:
+        U, S, Vh = np.linalg.svd(deltas[i], full_matrices=False)
+        j = min(k, ref_rank(S, deltas[i].shape))
+        Us.append(U[:, :j]), Ss.append(weights[i] * S[:j]), Vhs.append(Vh[:j])
+    U, Vh = ref_polar(np.concatenate(Us, axis=1)), ref_polar(np.concatenate(Vhs, axis=0))
+    return (U * np.concatenate(Ss)) @ Vh
+
+
+def ref_iso_c(summed):
+    U, S, Vh = np.linalg.svd(summed, full_matrices=False)
+    k = ref_rank(S, summed.shape)
+    return S[:k].mean() * U[:, :k] @ Vh[:k]
+
+
+def ref_iso_cts(deltas, weights, present):
+    """Iso-CTS on dense updates, the subspaces sized by the weighted sum's numerical rank k."""
+    summed = sum(w * d for w, d in zip(weights, deltas))
+    U, S, Vh = np.linalg.svd(summed, full_matrices=False)
+    k = ref_rank(S, summed.shape)
+    common = k - round((k - int(0.8 * k)) / len(present)) * len(present)
+    per_task = (k - common) // len(present)
+    Us, Ss, Vhs = [], [], []
+    for i in present:
+        weighted = weights[i] * deltas[i]
+        Ut, St, Vht = np.linalg.svd(
+            weighted - U[:, :common] @ (U[:, :common].T @ weighted), full_matrices=False
+        )
+        j = min(per_task, ref_rank(St, summed.shape, scale=np.linalg.norm(weighted)))
+        Us.append(Ut[:, :j]), Ss.append(St[:j]), Vhs.append(Vht[:j])
+    Us.append(U[:, :common]), Ss.append(S[:common]), Vhs.append(Vh[:common])
+    values = np.concatenate(Ss)
+    return values.mean() * ref_polar(np.concatenate(Us, axis=1)) @ ref_polar(np.concatenate(Vhs, axis=0))
+
+
+def ref_core_space(adapters, name, weights, density):
+    """TIES in the core space: bases from the SVDs of the stacked B's and A's (as stored), cores
+    U_B^T dW_i V_A, TIES on the cores, mapped back."""
+    modules = [a.modules.get(name) for a in adapters]
+    Bs = [m.B.double().numpy() for m in modules if m is not None]
+    As = [m.A.double().numpy() for m in modules if m is not None]
+    U_B, S_B, _ = np.linalg.svd(np.concatenate(Bs, axis=1), full_matrices=False)
+    _, S_A, Vh_A = np.linalg.svd(np.concatenate(As, axis=0), full_matrices=False)
+    U_B = U_B[:, : ref_rank(S_B, U_B.shape)]
+    Vh_A = Vh_A[: ref_rank(S_A, (len(S_A), Vh_A.shape[1]))]
+    cores = [
+        np.zeros((U_B.shape[1], Vh_A.shape[0])) if m is None else U_B.T @ m.delta().numpy() @ Vh_A.T
+        for m in modules
+    ]
+    return U_B @ ref_ties_mean([ref_keep_largest(c, density) for c in cores], weights) @ Vh_A
+
+
 def reference(method, adapters, name, weights, params):
     deltas = dense_updates(adapters, name)
     density = params.get("density", 0.5)
@@ -122,6 +278,35 @@ def reference(method, adapters, name, weights, params):
         if method == "dare-linear":
             return sum(w * d for w, d in zip(weights, dropped))
         return ref_ties_mean(dropped, weights)
+    if method == "task-arithmetic":
+        return sum(w * d for w, d in zip(weights, deltas))
+    if method in ("della", "della-linear"):
+        epsilon, scale, seed = params.get("epsilon", 0.15), params.get("lambda_", 1.0), params.get("seed", 0)
+        dropped = [ref_della_drop(d, density, epsilon, seed, name, i) for i, d in enumerate(deltas)]
+        if method == "della":
+            return scale * ref_ties_mean(dropped, weights)
+        return scale * sum(w * d for w, d in zip(weights, dropped))
+    if method in ("breadcrumbs", "breadcrumbs-ties"):
+        kept = [ref_keep_middle(d, density, params.get("gamma", 0.01)) for d in deltas]
+        if method == "breadcrumbs":
+            return sum(w * d for w, d in zip(weights, kept))
+        return ref_ties_sum(kept, weights)
+    if method == "sce":
+        return ref_sce(deltas, weights, density)
+    if method == "slerp":
+        return ref_slerp(deltas[0], deltas[1], params.get("t", 0.5))
+    if method == "karcher":
+        present = [i for i, a in enumerate(adapters) if name in a.modules]
+        return ref_karcher([deltas[i] for i in present], [weights[i] for i in present])
+    present = [i for i, a in enumerate(adapters) if name in a.modules]
+    if method == "tsv":
+        return ref_tsv(deltas, weights, present, params.get("rank"))
+    if method == "iso-c":
+        return ref_iso_c(sum(w * d for w, d in zip(weights, deltas)))
+    if method == "iso-cts":
+        return ref_iso_cts(deltas, weights, present)
+    if method == "core-space":
+        return ref_core_space(adapters, name, weights, density)
     if method == "knots":
         concatenated = np.concatenate(deltas, axis=1)
         U, S, Vh = np.linalg.svd(concatenated, full_matrices=False)
@@ -144,6 +329,18 @@ ROWS = [
     ("dare-ties", ("a1", "a2", "a3"), {"density": 0.6, "seed": 7, "rank": FULL}),
     ("magnitude-prune", ("a1", "a2", "a3"), {"density": 0.4, "rank": FULL}),
     ("knots", ("a1", "a2", "a3"), {"density": 0.5}),
+    ("task-arithmetic", ("a1", "a2", "a3"), {}),
+    ("della", ("a1", "a2", "a3"), {"density": 0.5, "epsilon": 0.2, "lambda_": 1.5, "seed": 3, "rank": FULL}),
+    ("della-linear", ("a1", "a2", "a3"), {"density": 0.6, "epsilon": 0.1, "seed": 4, "rank": FULL}),
+    ("breadcrumbs", ("a1", "a2", "a3"), {"density": 0.6, "gamma": 0.05, "rank": FULL}),
+    ("breadcrumbs-ties", ("a1", "a2", "a3"), {"density": 0.5, "gamma": 0.1, "rank": FULL}),
+    ("sce", ("a1", "a2", "a3"), {"density": 0.7, "rank": FULL}),
+    ("slerp", ("a1", "a2"), {"t": 0.3}),
+    ("karcher", ("a1", "a2", "a3"), {}),
+    ("tsv", ("a1", "a2", "a3"), {}),
+    ("iso-c", ("a1", "a2", "a3"), {}),
+    ("iso-cts", ("a1", "a2", "a3"), {}),
+    ("core-space", ("a1", "a2", "a3"), {"density": 0.4}),
 ]
 
 
@@ -164,7 +361,8 @@ def test_peft_applies_exactly_the_methods_definition(method, names, params, adap
     from peft import PeftModel
 
     adapters = [loaded[n] for n in names]
-    weights = WEIGHTS[: len(names)]
+    fixed = get(method).fixed_weights  # slerp takes --t, not --weights
+    weights = WEIGHTS[: len(names)] if fixed is None else None
     result = plan_merge(adapters, method, weights=weights, **params).to_adapter()
     result.save(tmp_path / "merged")
     config = json.loads((tmp_path / "merged" / "adapter_config.json").read_text())
@@ -291,6 +489,18 @@ def test_registry_lists_names_without_importing_the_methods():
         "dare-ties",
         "magnitude-prune",
         "knots",
+        "task-arithmetic",
+        "della",
+        "della-linear",
+        "breadcrumbs",
+        "breadcrumbs-ties",
+        "sce",
+        "slerp",
+        "karcher",
+        "tsv",
+        "iso-c",
+        "iso-cts",
+        "core-space",
     ]
     assert all(get(name).name == name for name in REGISTRY)
     with pytest.raises(UsageError, match="unknown merge method 'avg'; choose one of: linear, svd"):
@@ -383,7 +593,13 @@ def same_ranks(adapters) -> bool:
     return all(len({a.modules[n].rank for a in adapters if n in a.modules}) == 1 for n in names)
 
 
-@pytest.mark.parametrize("method", list(REGISTRY))
+# What the definitions of these do with one adapter is not the adapter: slerp merges exactly two, iso-c and
+# iso-cts flatten its spectrum (tests of their own below). slerp takes no --weights.
+NOT_THE_ADAPTER_ALONE = ("slerp", "iso-c", "iso-cts")
+WEIGHTED = [m for m in REGISTRY if get(m).fixed_weights is None]
+
+
+@pytest.mark.parametrize("method", [m for m in REGISTRY if m not in NOT_THE_ADAPTER_ALONE])
 @PROPERTY
 @given(data=adapter_sets())
 def test_merging_one_adapter_with_weight_one_returns_it(method, data):
@@ -398,7 +614,7 @@ def test_merging_one_adapter_with_weight_one_returns_it(method, data):
         assert_update_close(result.adapter.modules[name].delta(), module.delta())
 
 
-@pytest.mark.parametrize("method", list(REGISTRY))
+@pytest.mark.parametrize("method", WEIGHTED)
 @PROPERTY
 @given(data=adapter_sets(), factor=st.sampled_from([-2.0, 0.5, 3.0]))
 def test_weights_scale_the_result_as_the_definition_says(method, data, factor):
@@ -417,11 +633,14 @@ def test_weights_scale_the_result_as_the_definition_says(method, data, factor):
         assert_update_close(scaled[name], expected * one[name], rtol=1e-7)
 
 
-@pytest.mark.parametrize("method", [m for m in REGISTRY if not m.startswith("dare")])
+@pytest.mark.parametrize(
+    "method", [m for m in REGISTRY if DROP_NOTE not in get(m).notes and get(m).adapters is None]
+)
 @PROPERTY
 @given(data=adapter_sets())
 def test_the_order_of_the_adapters_does_not_matter(method, data):
-    """(DARE draws its masks per adapter index, so its result depends on the order by design.)"""
+    """(DARE and DELLA draw their masks per adapter index, so their results depend on the order by design;
+    slerp merges exactly two: its own test swaps them.)"""
     adapters, weights = data
     if method == "factor-avg" and not same_ranks(adapters):
         return

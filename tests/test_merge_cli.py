@@ -131,6 +131,25 @@ def test_same_seed_gives_the_same_bytes_and_another_seed_other_bytes(cli, adapte
     assert json.loads(first["merge_report.json"])["seed"] == 3
 
 
+def test_the_new_methods_parameters_reach_the_receipt(cli, adapter_dirs, tmp_path):
+    common = [*args(adapter_dirs, "a1", "a2"), "-q"]
+    della = ["--method", "della", "--epsilon", "0.1", "--lambda", "2", "--seed", "5"]
+    assert cli("merge", *common, *della, "-o", str(tmp_path / "della"))[0] == 0
+    report = json.loads((tmp_path / "della" / "merge_report.json").read_text())
+    assert report["parameters"] == {"density": 0.5, "epsilon": 0.1, "lambda": 2.0, "seed": 5, "rank": None}
+    assert cli("merge", *common, "--method", "slerp", "--t", "0.25", "-o", str(tmp_path / "slerp"))[0] == 0
+    report = json.loads((tmp_path / "slerp" / "merge_report.json").read_text())
+    assert (report["parameters"], report["weights"]) == ({"t": 0.25}, [0.75, 0.25])
+    assert any("slerp takes --t, not --weights" in note for note in report["notes"])
+
+
+def test_slerp_of_three_adapters_is_a_usage_error(cli, adapter_dirs, tmp_path):
+    result = cli(
+        "merge", *args(adapter_dirs, "a1", "a2", "a3"), "--method", "slerp", "-o", str(tmp_path / "o" / "m")
+    )
+    assert_refused(result, 2, "slerp merges exactly 2 adapters, got 3", tmp_path / "o")
+
+
 def kohya_copy(adapter_dir, path):
     """The adapter as a kohya-style file, module names underscore-mangled with a text-encoder prefix."""
     tensors = kohya_tensors(load_adapter(adapter_dir), lambda name: "lora_te_" + name.replace(".", "_"))
@@ -277,6 +296,10 @@ def test_an_existing_output_is_kept_without_force(cli, adapter_dirs, tmp_path):
         (["--method", "linear", "--weights", "1,2,3"], "--weights has 3 values for 2 adapters"),
         (["--method", "ties", "--density", "0"], "--density must be in (0, 1]"),
         (["--method", "linear", "--rank", "4"], "--rank does not apply to method linear"),
+        (["--method", "linear", "--t", "0.3"], "--t does not apply to method linear"),
+        (["--method", "slerp", "--weights", "1,2"], "slerp takes no --weights"),
+        (["--method", "breadcrumbs", "--gamma", "1"], "--gamma must be in [0, 1)"),
+        (["--method", "della", "--epsilon", "0.6"], "D - epsilon and D + epsilon must lie in (0, 1)"),
     ],
 )
 def test_usage_errors_exit_2(cli, adapter_dirs, tmp_path, extra, fragment):

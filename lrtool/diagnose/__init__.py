@@ -5,7 +5,7 @@ and will several of them interfere when merged. `diagnose(paths, base)` returns 
     findings.py   the finding codes, their severities and thresholds (the table the help lists)
     reading.py    read adapters (PEFT, kohya, diffusers) without refusing anything: findings
     base_check.py an adapter against its --base (read through lrtool.models.ModelFiles): shapes, norms
-    figures.py    spectra and pairwise figures from the factors, never a dense dW (but for sign conflicts)
+    figures.py    spectra and pairwise figures from the factors, never a whole dense dW (but in blocks)
     report.py     the report: every input, every module, every pair
     render.py     for people: the rows of --table and the picture of --plot
 
@@ -28,9 +28,9 @@ __all__ = [
 ]
 
 
-def diagnose(paths: list[str], base: str | None = None) -> dict:
+def diagnose(paths: list[str], base: str | None = None, exact_sign_conflicts: bool = False) -> dict:
     """The report on each adapter in `paths` (and, with `base`, on its fit to that model directory) and on
     each pair of them: see report.diagnose."""
     from lrtool.diagnose.report import diagnose as report  # torch and safetensors: only when diagnosing
 
-    return report(paths, base)
+    return report(paths, base, exact_sign_conflicts=exact_sign_conflicts)

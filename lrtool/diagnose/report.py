@@ -15,6 +15,7 @@ from lrtool.adapters import same_base
 from lrtool.diagnose.base_check import BaseWeights, check_base, rename_modules
 from lrtool.diagnose.figures import (
     AGREEING_COSINE,
+    EXACT_SIGN_ENTRIES,
     LOSSY_FACTOR_AVG,
     OPPOSED_COSINE,
     SHARED_SUBSPACE,
@@ -23,6 +24,7 @@ from lrtool.diagnose.figures import (
     spectral_figures,
     spectrum,
     verdict,
+    wilson_interval,
 )
 from lrtool.diagnose.findings import (
     LARGE_UPDATE,
@@ -40,10 +42,12 @@ PRECISION = 6  # significant digits of every float in the report
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def diagnose(paths: list[str], base: str | None = None) -> dict:
+def diagnose(paths: list[str], base: str | None = None, exact_sign_conflicts: bool = False) -> dict:
     """The diagnosis of each adapter in `paths` and of each pair of them, as the JSON-ready report.
 
-    An unreadable adapter is a finding, not an error. Raises InputError only when diagnose cannot run:
+    A pair of more than figures.EXACT_SIGN_ENTRIES common dense entries gets an estimated sign-conflict rate
+    (labelled, with its 95% interval) unless `exact_sign_conflicts`. An unreadable adapter is a finding, not
+    an error. Raises InputError only when diagnose cannot run:
     no paths, or a `base` that is not a readable model directory. `pairs` come in the order (1, 2), (1, 3),
     ..., (2, 3), ... of the inputs.
     """
@@ -68,6 +72,10 @@ def diagnose(paths: list[str], base: str | None = None) -> dict:
         }
 
     pairs = [PairFigures(i, j) for i, j in pair_order(len(inputs))]
+    if not exact_sign_conflicts:
+        for pair in pairs:
+            entries = _common_entries(inputs[pair.a], inputs[pair.b])
+            pair.sign_entries = entries if entries > EXACT_SIGN_ENTRIES else None
     for name in sorted(set().union(*(item.lora for item in inputs))):
         spectra = {}
         for i, item in enumerate(inputs):
@@ -196,6 +204,16 @@ def _adapter_entry(item: AdapterInput) -> dict:
     }
 
 
+def _common_entries(a: AdapterInput, b: AdapterInput) -> int:
+    """The dense entries of the modules two adapters share (equal shapes)."""
+    total = 0
+    for name in set(a.lora) & set(b.lora):
+        shape = (a.lora[name].out_features, a.lora[name].in_features)
+        if shape == (b.lora[name].out_features, b.lora[name].in_features):
+            total += shape[0] * shape[1]
+    return total
+
+
 def _pair_entry(pair: PairFigures, inputs: list[AdapterInput]) -> dict:
     """A pair's entry: whole-update figures, per-module figures, and the verdict."""
     a, b = inputs[pair.a], inputs[pair.b]
@@ -234,6 +252,15 @@ def _pair_entry(pair: PairFigures, inputs: list[AdapterInput]) -> dict:
         "column_overlap": column,
         "row_overlap": row,
         "sign_conflict": pair.conflicts / pair.both_nonzero if pair.both_nonzero else None,
+        "sign_conflict_estimate": (
+            None
+            if pair.sign_entries is None
+            else {
+                "sampled_entries": pair.sign_sampled,
+                "of_entries": pair.sign_entries,
+                "ci95": list(wilson_interval(pair.conflicts, pair.both_nonzero)),
+            }
+        ),
         "factor_avg_error": factor_avg_error,
         "base_mismatch": base_mismatch,
         "verdict": text,

@@ -5,13 +5,13 @@ The drop mask is random but reproducible, and the same on every device (sparsify
 same seed, same bytes; reordering the adapters changes the masks.
 """
 
-import torch
-
 from lrtool.merge.base import DENSE_RANK, Method, ModuleInputs, Settings, Update
 from lrtool.merge.sparsify import DENSITY, DROP_NOTE, SEED, dropped
 
 
 def dare_linear(module: ModuleInputs, settings: Settings) -> Update:
+    import torch
+
     result = torch.zeros(module.shape, dtype=torch.float64)
     for weight, delta in zip(module.weights, dropped(module, settings)):
         result += weight * delta

@@ -3,13 +3,13 @@ seeded by --seed, module and adapter index: sparsify.dropped), then TIES' sign e
 with weights (sparsify.elect_and_average, mergekit's conventions) instead of a plain sum.
 """
 
-import torch
-
 from lrtool.merge.base import DENSE_RANK, Method, ModuleInputs, Settings, Update
 from lrtool.merge.sparsify import DENSITY, DROP_NOTE, SEED, dropped, elect_and_average
 
 
 def dare_ties(module: ModuleInputs, settings: Settings) -> Update:
+    import torch
+
     return Update.dense(elect_and_average(torch.stack(dropped(module, settings)), module.weights))
 
 

@@ -7,8 +7,6 @@ result by c^2. The receipt's from_linear says how far it is from sum_i w_i dW_i.
 module (a module an adapter lacks counts as zero factors of that rank).
 """
 
-import torch
-
 from lrtool.errors import IncompatibleError
 from lrtool.merge.base import Method, ModuleInputs, Settings, Update
 
@@ -24,6 +22,8 @@ def check_equal_ranks(module: ModuleInputs) -> None:
 
 
 def factor_avg(module: ModuleInputs, settings: Settings) -> Update:
+    import torch
+
     out_features, in_features = module.shape
     rank = module.max_rank
     B = torch.zeros(out_features, rank, dtype=torch.float64)

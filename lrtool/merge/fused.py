@@ -5,7 +5,8 @@ in one pass over a module's stacked updates dW_i, formed on the device in float6
 pass adds the update to the base weight, casts it to the weight's dtype and sums the squares the receipt
 needs, so neither the float64 update nor the float64 sum is written. Elsewhere (the CPU), the methods' own
 files compute them: they are the reference the kernel is tested against, and they draw DARE's drops from the
-same counter-based generator, so both paths keep the same entries for one seed.
+same counter-based generator, so both paths keep the same entries for one seed. The other dense methods
+(della*, breadcrumbs*, sce) have no kernel: their own files compute them wherever lrtool runs.
 
 Reads and writes tensors only. `plan` is a plan.MergePlan (which calls this module: it is not imported here).
 """

@@ -16,10 +16,15 @@ QR of the stacked B's, a QR of each A_i^T and an SVD of the small core give U, S
 [out, n * in] matrix formed. Sign flips of singular pairs do not change the result (TIES is odd-symmetric).
 """
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from lrtool.merge.base import Method, ModuleInputs, Parameter, Settings, Update
 from lrtool.merge.sparsify import DENSITY, ties_merge
+
+if TYPE_CHECKING:
+    import torch
 
 RANK = Parameter(
     "rank",
@@ -31,6 +36,8 @@ RANK = Parameter(
 
 def shared_basis(module: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U [out, k], S [k], V^T [n, k, in]) with dW_i = U diag(S) V^T[i] for every adapter i."""
+    import torch
+
     out_features, in_features = module.shape
     present = [i for i, m in enumerate(module.modules) if m is not None]
     factors = [module.scaled_factors(i) for i in present]

@@ -5,13 +5,13 @@ of equal magnitude the earlier one (row-major) is kept, so the result is determi
 stored at --rank by truncated SVD (see plan.py), or added exactly with --into-base.
 """
 
-import torch
-
 from lrtool.merge.base import DENSE_RANK, Method, ModuleInputs, Settings, Update
 from lrtool.merge.sparsify import DENSITY, keep_largest
 
 
 def magnitude_prune(module: ModuleInputs, settings: Settings) -> Update:
+    import torch
+
     result = torch.zeros(module.shape, dtype=torch.float64)
     for i, weight in enumerate(module.weights):
         if module.modules[i] is not None:

@@ -24,7 +24,7 @@ Reads nothing itself (the adapters come loaded); MergeResult.save writes the ada
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -114,10 +114,10 @@ class MergePlan:
             raise InputError(
                 overflow_message(name, "stored factors", self.dtype, "convert the adapters to float32 first")
             )
-        norm = exact.norm()
+        norm, lost = exact.norm_and_distance(B, A)
         row = {
             "rank": B.shape[1],
-            "error": relative(exact.distance(B, A), norm),
+            "error": relative(lost, norm),
             "from_linear": self.from_linear(inputs, exact),
             "norm": norm,
             "truncated": rank is not None and rank < min(inputs.shape),
@@ -126,21 +126,28 @@ class MergePlan:
         return LoraModule(A=A, B=B, scale=1.0, kernel=kernel), row
 
     def from_linear(self, inputs: ModuleInputs, exact: Update) -> float:
-        """||exact - linear||_F / ||linear||_F: how far the method's result is from sum_i w_i dW_i."""
+        """||exact - linear||_F / ||linear||_F: how far the method's result is from sum_i w_i dW_i (as the
+        method gives it, where it knows it: svd's spectrum)."""
+        if exact.from_linear is not None:
+            return exact.from_linear
         linear = Update.factored(*inputs.linear())
         if exact.is_factored:
-            if torch.equal(exact.B, linear.B) and torch.equal(exact.A, linear.A):
+            if exact.B is linear.B and exact.A is linear.A:
                 return 0.0  # the linear method itself: the distance would be 0 too, after a Gram product
+            if torch.equal(exact.B, linear.B) and torch.equal(exact.A, linear.A):
+                return 0.0
             return relative(linear.distance(exact.B, exact.A), linear.norm())
         return relative(exact.distance(linear.B, linear.A), linear.norm())
 
     def to_adapter(self) -> MergeResult:
         """Compute every module and store the merge as a LoRA adapter (in memory), with its receipt."""
         modules, rows = {}, {}
-        for name in self.inputs:
-            modules[name], rows[name] = self.store(name)
+        with receipt.hashing_in_background(self.adapters) as hashes:
+            for name in self.inputs:
+                modules[name], rows[name] = self.store(name)
+            report = receipt.build(self, rows, hashes=hashes())
         adapter = Adapter(modules=modules, base=self.base, format="peft", metadata=dict(self.metadata))
-        return MergeResult(adapter=adapter, report=receipt.build(self, rows))
+        return MergeResult(adapter=adapter, report=report)
 
 
 def plan_merge(
@@ -152,18 +159,27 @@ def plan_merge(
     seed: int | None = None,
     into_base: bool = False,
     allow_base_mismatch: bool = False,
+    **parameters,
 ) -> MergePlan:
     """Check that `adapters` can be merged with `method` and line them up by module; compute nothing.
+    `parameters`: the method's other parameters by their Settings names (epsilon=, lambda_=, gamma=, t=).
 
-    Raises UsageError (bad weights or parameters), InputError (non-finite values) or IncompatibleError
-    (different bases, unless `allow_base_mismatch`; shapes or fan_in_fan_out; what the method itself
-    refuses, e.g. unequal ranks).
+    Raises UsageError (bad weights or parameters, a count of adapters the method does not take), InputError
+    (non-finite values) or IncompatibleError (different bases, unless `allow_base_mismatch`; shapes or
+    fan_in_fan_out; what the method itself refuses, e.g. unequal ranks).
     """
     if isinstance(method, str):
         method = get(method)
     adapters = list(adapters)
+    if method.adapters is not None and len(adapters) != method.adapters:
+        raise UsageError(f"{method.name} merges exactly {method.adapters} adapters, got {len(adapters)}")
+    if method.fixed_weights is not None and weights is not None:
+        raise UsageError(f"{method.name} takes no --weights: its parameters set the mix (see --list)")
     weights = check_weights(weights, len(adapters))
-    settings = method.settings(weights, rank=rank, density=density, seed=seed)
+    settings = method.settings(weights, rank=rank, density=density, seed=seed, **parameters)
+    if method.fixed_weights is not None:
+        settings = replace(settings, weights=method.fixed_weights(settings))
+        weights = settings.weights
     rank_parameter = method.parameter("rank")
     if into_base and rank is not None and rank_parameter is not None and rank_parameter.storage:
         raise UsageError(

@@ -12,6 +12,9 @@ write as 0.0). Also here: the lines the CLI logs for people, and the inputs' sha
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from lrtool.io import dumps_report, rounded, sha256_path
@@ -22,19 +25,36 @@ DIGITS = 6  # significant digits of the receipt's floats
 EXACT = 1e-6  # a stored module whose relative error is below this is reported as exact (float rounding)
 
 
-def build(plan, rows: dict[str, dict], into_base: ModelFiles | None = None) -> dict:
+def input_hash(adapter) -> str | None:
+    """sha256 of the file or directory an adapter was read from (None: not read from one)."""
+    path = Path(adapter.source) if adapter.source else None
+    return sha256_path(path) if path is not None and path.exists() else None
+
+
+@contextmanager
+def hashing_in_background(adapters: Sequence) -> Iterator[Callable[[], list[str | None]]]:
+    """Hash the adapters' inputs in a thread while the merge computes (hashlib and file reads release the
+    GIL, so the hashes cost little of the merge's time); yields a function that waits for them."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(lambda: [input_hash(adapter) for adapter in adapters])
+        yield pending.result
+
+
+def build(
+    plan, rows: dict[str, dict], into_base: ModelFiles | None = None, hashes: list[str | None] | None = None
+) -> dict:
     """The receipt of `plan` (a plan.MergePlan) whose modules gave `rows`, stored as an adapter or, with
-    `into_base`, added to that base's weights: method, weights, parameters, seed, inputs (with sha256),
-    per-module rows, summary."""
+    `into_base`, added to that base's weights: method, weights, parameters, seed, inputs (with sha256;
+    `hashes` when already computed, one per adapter), per-module rows, summary."""
     output = "adapter" if into_base is None else "model"
-    parameters = {p.name: getattr(plan.settings, p.name) for p in plan.method.parameters}
+    parameters = {p.name: getattr(plan.settings, p.attribute) for p in plan.method.parameters}
+    hashes = [input_hash(adapter) for adapter in plan.adapters] if hashes is None else hashes
     inputs = []
-    for adapter in plan.adapters:
-        path = Path(adapter.source) if adapter.source else None
+    for adapter, sha256 in zip(plan.adapters, hashes):
         inputs.append(
             {
                 "path": adapter.source or None,
-                "sha256": sha256_path(path) if path is not None and path.exists() else None,
+                "sha256": sha256,
                 "format": adapter.format,
                 "base": adapter.base,
                 "modules": len(adapter.modules),

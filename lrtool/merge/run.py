@@ -35,12 +35,14 @@ def run(
     format: str | None = None,
     force: bool = False,
     manifest: io.Manifest | None = None,
+    **parameters,
 ) -> dict:
     """Merge the adapters at `paths` with `method` into the directory `out` (into the weights of the model
     directory `into_base` when given) and return the receipt. Every check is done before anything is
-    written; a failure leaves no output. Raises UsageError, InputError or IncompatibleError (what plan_merge
-    and into_base refuse) and OutputExistsError (an output that is not free: outputs.check_output_free).
-    `format` is the adapter's format (FORMATS); None: the inputs' own when they share one, else peft."""
+    written; a failure leaves no output. `parameters`: the method's others, as plan_merge takes them. Raises
+    UsageError, InputError or IncompatibleError (what plan_merge and into_base refuse) and OutputExistsError
+    (an output that is not free: outputs.check_output_free). `format` is the adapter's format (FORMATS); None:
+    the inputs' own when they share one, else peft."""
     if format is not None and into_base is not None:
         raise UsageError("--format sets the adapter's format; --into-base writes a model, so drop --format")
     if format is not None and format not in FORMATS:
@@ -64,6 +66,7 @@ def run(
         seed,
         into_base=base is not None,
         allow_base_mismatch=allow_base_mismatch,
+        **parameters,
     )
     check_names_matched(adapters, base, format)  # also when no name is dotted (only kohya inputs, no base)
     if base is not None:
