@@ -1,5 +1,6 @@
 # lrtool's jobs. Each target creates the virtual environment it needs (.venv, torch pinned to the CPU wheel).
-#   make demo    the main job (see README)
+#   make demo    the main job: the paper's two-hop experiment, 3 seeds (see README)
+#   make demo-math, make demo-theory   the math word problems; the key-value memory check
 #   make test    the test suite, serially, torch capped to one thread a process
 #   make docs    regenerate man/ and completions/ from the CLI
 #   make lint    ruff
@@ -11,9 +12,9 @@ PY := $(VENV)/bin/python
 LRTOOL := $(VENV)/bin/lrtool
 STAMP := $(VENV)/.installed-lrtool
 DEMO ?= demo-out
-SEED ?= 1
+JOBS ?= 2
 
-.PHONY: demo test docs lint bench venv clean
+.PHONY: demo demo-math demo-theory test docs lint bench venv clean
 
 venv: $(STAMP)
 
@@ -27,36 +28,23 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
 
+# The paper's two-hop experiment (examples/two-hop/Makefile): SEEDS, SIZE, BASE, OUT pass through.
 demo: $(STAMP)
-	$(LRTOOL) gen-data two-hop --seed $(SEED) -o $(DEMO)/world --force
-	$(LRTOOL) gen-data math --seed $(SEED) -o $(DEMO)/math --force
-	$(LRTOOL) train $(DEMO)/world/pretrain.jsonl --base tiny --full --vocab-from $(DEMO)/world \
-		--until-accuracy 0.95 --seed $(SEED) -o $(DEMO)/base --force
-	for expert in hop1 hop2 direct; do \
-		$(LRTOOL) train $(DEMO)/world/$$expert.jsonl --base $(DEMO)/base --until-accuracy 0.95 \
-			--seed $(SEED) -o $(DEMO)/$$expert --force || exit 1; \
-	done
-	$(LRTOOL) train $(DEMO)/world/hop1.jsonl $(DEMO)/world/hop2.jsonl --base $(DEMO)/base \
-		--until-accuracy 0.95 --seed $(SEED) -o $(DEMO)/multitask --force
-	$(LRTOOL) merge $(DEMO)/hop1 $(DEMO)/hop2 --method factor-avg -o $(DEMO)/merged-factor-avg --force
-	$(LRTOOL) merge $(DEMO)/hop1 $(DEMO)/hop2 --method linear --weights 1,1 -o $(DEMO)/merged-sum --force
-	$(LRTOOL) diagnose $(DEMO)/hop1 $(DEMO)/hop2 $(DEMO)/direct --base $(DEMO)/base --table \
-		> $(DEMO)/diagnosis.json
-	@echo "== Two-hop questions (training and held-out templates) and each hop's facts, every system:"
-	$(LRTOOL) eval $(DEMO)/world/twohop.jsonl $(DEMO)/world/twohop.eval.jsonl $(DEMO)/world/hop1.jsonl \
-		$(DEMO)/world/hop2.jsonl --base $(DEMO)/base --system base=base \
-		$(foreach s,hop1 hop2 direct multitask,--system $(s)=adapter:$(DEMO)/$(s)) \
-		--system factor-avg=adapter:$(DEMO)/merged-factor-avg --system sum=adapter:$(DEMO)/merged-sum \
-		--by familiarity --by in_pretrain --score exact,loglik --reference base --seed $(SEED) \
-		--predictions $(DEMO)/predictions.jsonl --plot $(DEMO)/eval.png -o $(DEMO)/eval.json --force \
-		-q --table 2>&1
-	@echo "== Report: $(DEMO)/eval.json, per-example predictions: $(DEMO)/predictions.jsonl, bars: $(DEMO)/eval.png"
+	$(MAKE) -C examples/two-hop -j$(JOBS) LRTOOL=$(abspath $(LRTOOL)) OUT=$(abspath $(DEMO))
+
+# Skill composition in math word problems, plain and with the shared solution template.
+demo-math: $(STAMP)
+	$(MAKE) -C examples/math -j$(JOBS) LRTOOL=$(abspath $(LRTOOL)) OUT=$(abspath $(DEMO))/math
+
+# The paper's formal claim on a one-layer key-value memory (seconds).
+demo-theory: $(STAMP)
+	$(PY) examples/theory/kv_memory.py
 
 docs: $(STAMP)
 	$(PY) -m lrtool.docs .
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lrtool tests benchmarks
+	$(VENV)/bin/ruff check lrtool tests benchmarks examples
 
 bench: $(STAMP)
 	@set -e; for script in $(wildcard benchmarks/*.py); do echo "== $$script"; $(PY) $$script; done

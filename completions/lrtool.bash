@@ -15,7 +15,7 @@ _lrtool_options() {  # every option spelling of a command
         'train') REPLY='--base -o --out --full -r --rank --alpha --rslora --dropout --targets --init --train-tokens --vocab-from --lr --weight-decay --epochs --max-steps --batch-size --grad-accum --warmup --schedule --loss --chat-template --until-accuracy --check-every --check-sample --seed --device --dtype --max-length --log-every --resume --trust-remote-code --force -q --quiet -v --verbose -h --help' ;;
         'merge') REPLY='-o --out --method --weights -r --rank --density --seed --epsilon --lambda --gamma --t --into-base --allow-base-mismatch --format --list --force -q --quiet -v --verbose -h --help' ;;
         'diagnose') REPLY='--base --fail-on --table --exact-sign-conflicts --plot --force -q --quiet -v --verbose -h --help' ;;
-        'eval') REPLY='--base --system --adapter --model --score --choices --max-choices --by --bootstrap --reference --limit --batch-size --max-new-tokens --chat-template --device --dtype --seed -o --out --predictions --table --plot --fail-under --trust-remote-code --force -q --quiet -v --verbose -h --help' ;;
+        'eval') REPLY='--base --system --adapter --model --score --choices --max-choices --by --bootstrap --reference --limit --batch-size --max-new-tokens --chat-template --device --dtype --seed -o --out --predictions --table --plot --fail-under --trust-remote-code --combine --claims --summary --figures --force -q --quiet -v --verbose -h --help' ;;
         'route') REPLY='-o --out --method --top-k --temperature --mix --general --examples --layer --budget --seed --by --map --base --explain --batch-size --list --force -q --quiet -v --verbose -h --help' ;;
         'gen-data') REPLY='-h --help' ;;
         'gen-data two-hop') REPLY='--split -o --out --templates --seed --size --cities --familiar-mentors --new-mentors --familiar-people --h-people --f-people --bridge-fraction --filler --force -q --quiet -v --verbose -h --help' ;;
@@ -30,7 +30,7 @@ _lrtool_value_options() {  # the options that take a value
         'train') REPLY='--base -o --out -r --rank --alpha --dropout --targets --init --train-tokens --vocab-from --lr --weight-decay --epochs --max-steps --batch-size --grad-accum --warmup --schedule --loss --until-accuracy --check-every --check-sample --seed --device --dtype --max-length --log-every' ;;
         'merge') REPLY='-o --out --method --weights -r --rank --density --seed --epsilon --lambda --gamma --t --into-base --format' ;;
         'diagnose') REPLY='--base --fail-on --plot' ;;
-        'eval') REPLY='--base --system --adapter --model --score --choices --max-choices --by --bootstrap --reference --limit --batch-size --max-new-tokens --device --dtype --seed -o --out --predictions --plot --fail-under' ;;
+        'eval') REPLY='--base --system --adapter --model --score --choices --max-choices --by --bootstrap --reference --limit --batch-size --max-new-tokens --device --dtype --seed -o --out --predictions --plot --fail-under --claims --summary --figures' ;;
         'route') REPLY='-o --out --method --top-k --temperature --mix --general --examples --layer --budget --seed --by --map --base --explain --batch-size' ;;
         'gen-data') REPLY='' ;;
         'gen-data two-hop') REPLY='--split -o --out --templates --seed --size --cities --familiar-mentors --new-mentors --familiar-people --h-people --f-people --bridge-fraction --filler' ;;

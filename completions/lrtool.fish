@@ -87,8 +87,8 @@ complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -s h -l help -d 'Sh
 complete -c lrtool -n '__fish_seen_subcommand_from diagnose' -F
 
 # lrtool eval
-complete -c lrtool -n '__fish_seen_subcommand_from eval' -l base -r -F -d 'The base model: a Hugging Face model directory or hub id.'
-complete -c lrtool -n '__fish_seen_subcommand_from eval' -l system -r -F -d 'A system to score; SPEC is base, adapter:PATH, model:DIR or router:DIR.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l base -r -F -d 'The base model: a Hugging Face model directory or hub id (required unless --combine).'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l system -r -F -d 'A system to score; SPEC is base, adapter:PATH, model:DIR, peft:DIR or router:DIR.'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l adapter -r -F -d 'Shorthand for --system NAME=adapter:PATH.'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l model -r -F -d 'Shorthand for --system NAME=model:DIR.'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l score -r -F -d 'What to score: exact match, log-likelihoods, or both (see the description).'
@@ -110,6 +110,10 @@ complete -c lrtool -n '__fish_seen_subcommand_from eval' -l table -d 'Also print
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l plot -r -F -d 'Draw bars with intervals by system and the first --by key (needs matplotlib).'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l fail-under -x -d 'Exit 3, after writing, when a system\'s metric on a whole dataset is below X.'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l trust-remote-code -d 'Allow the models\' own Python code (off by default).'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l combine -d 'Pool eval reports (the arguments) of one experiment run with several seeds: mean and 95% t interval over the reports, no model loaded.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l claims -r -F -d 'Check a claim set on the report: with --table the claim set\'s compact table; --summary and --figures write its text and pictures.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l summary -r -F -d 'With --claims: write the table and each claim\'s verdict, in numbers, as Markdown.'
+complete -c lrtool -n '__fish_seen_subcommand_from eval' -l figures -r -F -d 'With --claims: write the claim set\'s pictures (two-hop.png, single-hop.png) into DIR.'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -l force -d 'Replace an existing output (only one lrtool wrote).'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -s q -l quiet -d 'Print nothing but data and errors.'
 complete -c lrtool -n '__fish_seen_subcommand_from eval' -s v -l verbose -d 'Log more detail to stderr.'

@@ -118,8 +118,8 @@ _lrtool_diagnose() {
 
 _lrtool_eval() {
   _arguments -s -S \
-    '--base=[The base model\: a Hugging Face model directory or hub id.]:BASE:_files' \
-    '*--system=[A system to score; SPEC is base, adapter\:PATH, model\:DIR or router\:DIR.]:NAME=SPEC:_files' \
+    '--base=[The base model\: a Hugging Face model directory or hub id (required unless --combine).]:BASE:_files' \
+    '*--system=[A system to score; SPEC is base, adapter\:PATH, model\:DIR, peft\:DIR or router\:DIR.]:NAME=SPEC:_files' \
     '*--adapter=[Shorthand for --system NAME=adapter\:PATH.]:PATH:_files' \
     '*--model=[Shorthand for --system NAME=model\:DIR.]:DIR:_files' \
     '--score=[What to score\: exact match, log-likelihoods, or both (see the description).]:exact|loglik|exact,loglik:_files' \
@@ -141,6 +141,10 @@ _lrtool_eval() {
     '--plot=[Draw bars with intervals by system and the first --by key (needs matplotlib).]:FILE.png:_files' \
     '--fail-under=[Exit 3, after writing, when a system'\''s metric on a whole dataset is below X.]:X: ' \
     '--trust-remote-code[Allow the models'\'' own Python code (off by default).]' \
+    '--combine[Pool eval reports (the arguments) of one experiment run with several seeds\: mean and 95% t interval over the reports, no model loaded.]' \
+    '--claims=[Check a claim set on the report\: with --table the claim set'\''s compact table; --summary and --figures write its text and pictures.]:two-hop:_files' \
+    '--summary=[With --claims\: write the table and each claim'\''s verdict, in numbers, as Markdown.]:FILE.md:_files' \
+    '--figures=[With --claims\: write the claim set'\''s pictures (two-hop.png, single-hop.png) into DIR.]:DIR:_files' \
     '--force[Replace an existing output (only one lrtool wrote).]' \
     '(-q --quiet)'{-q,--quiet}'[Print nothing but data and errors.]' \
     '(-v --verbose)'{-v,--verbose}'[Log more detail to stderr.]' \

@@ -26,6 +26,7 @@ from lrtool import __version__, formats, io, outputs
 from lrtool.data import math as math_problems
 from lrtool.data import twohop
 from lrtool.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, LrtoolError, UsageError
+from lrtool.evaluate.claims import CLAIM_SETS
 from lrtool.train.settings import DTYPES, FLAG, MAX_SEED, Flag, TrainSettings
 
 log = logging.getLogger("lrtool")
@@ -957,6 +958,21 @@ def _eval_epilog() -> str:
         "percentiles over --bootstrap resamples of the cell's examples. With --reference, rows that carry "
         "reference hold <metric>_difference (system minus reference on the same examples) and "
         "<metric>_difference_ci95, resampling the examples of both jointly.",
+        "Combining (--combine REPORT.json...): the reports of one experiment run with several seeds pool "
+        "into one report of the same shape, no model loaded. Each row (system, [reference,] dataset, group) "
+        "holds n summed over the reports, each metric's mean over the reports that have the row (a seed "
+        "counts once, whatever its n), <metric>_ci95 the 95% Student t interval over those reports (one "
+        "report: its own bootstrap interval; a rate's interval clipped to [0, 1], a difference's to "
+        "[-1, 1]), and <metric>_seeds, <metric>_ci95_seeds each report's value and interval, in order, "
+        "for the spread within a seed. settings.reports counts the reports.",
+        "Claims (--claims two-hop): the two-hop experiment's claims checked on the report (combined or "
+        "not), for the systems named as the demo names them (base; hop1, hop2, direct; factor-avg, sum, "
+        "ties, lib-factor-avg, lib-sum; arrow, uniform, lib-arrow, oracle; multitask, rows) on datasets "
+        "twohop, twohop.eval (by familiarity), hop1, hop2 (by in_pretrain) and pretrain. --table prints "
+        "the compact table (new single-hop facts, two-hop by familiarity, familiar facts kept); --summary "
+        "writes it with each claim's verdict (supported when the 95% intervals separate, mixed, not "
+        "supported, not measured when its systems are missing) and the numbers behind it; --figures DIR "
+        "writes two-hop.png and single-hop.png.",
         "Exit status: 0 the report was written; 3 it was written and a system's exact_match (or, without "
         "exact, choice_accuracy) on a whole dataset is below --fail-under; 1 an input could not be used "
         "(a bad dataset line, an adapter the base cannot take); 2 a usage error.",
@@ -966,6 +982,8 @@ def _eval_epilog() -> str:
         "--system sum=adapter:sum/ --reference base --score exact,loglik --table --plot out.png",
         "  lrtool eval data.jsonl --base base/ --model merged-model/ --fail-under 0.9 -o report.json",
         "  lrtool eval twohop.jsonl --base base/ --adapter hop1/ | jq '.rows[] | select(.group.familiarity)'",
+        "  lrtool eval --combine seed1.json seed2.json seed3.json -o report.json --claims two-hop "
+        "--summary summary.md --figures figures/ --table",
         "  torchrun --nproc_per_node 4 -m lrtool eval data.jsonl --base ./model --adapter expert/ "
         "-o report.json",
     ]
@@ -979,17 +997,27 @@ Dtype = _split_enum("Dtype", DTYPES)  # eval loads the base in a dtype train off
 def eval_command(
     data: Annotated[
         list[str],
-        typer.Argument(metavar="DATA.jsonl...", help="JSONL datasets to score.", show_default=False),
+        typer.Argument(
+            metavar="DATA.jsonl...",
+            help="JSONL datasets to score (with --combine: eval reports to pool).",
+            show_default=False,
+        ),
     ],
     base: Annotated[
-        str, _opt("--base", metavar="BASE", help="The base model: a Hugging Face model directory or hub id.")
-    ],
+        str | None,
+        _opt(
+            "--base",
+            metavar="BASE",
+            help="The base model: a Hugging Face model directory or hub id (required unless --combine).",
+            show_default=False,
+        ),
+    ] = None,
     system: Annotated[
         list[str] | None,
         _opt(
             "--system",
             metavar="NAME=SPEC",
-            help="A system to score; SPEC is base, adapter:PATH, model:DIR or router:DIR. "
+            help="A system to score; SPEC is base, adapter:PATH, model:DIR, peft:DIR or router:DIR. "
             "Repeat for several.",
             show_default=False,
         ),
@@ -1136,6 +1164,42 @@ def eval_command(
     trust_remote_code: Annotated[
         bool, _opt("--trust-remote-code", help="Allow the models' own Python code (off by default).")
     ] = False,
+    combine: Annotated[
+        bool,
+        _opt(
+            "--combine",
+            help="Pool eval reports (the arguments) of one experiment run with several seeds: mean and 95% "
+            "t interval over the reports, no model loaded.",
+        ),
+    ] = False,
+    claims: Annotated[
+        str | None,
+        _opt(
+            "--claims",
+            metavar="two-hop",
+            help="Check a claim set on the report: with --table the claim set's compact table; --summary "
+            "and --figures write its text and pictures.",
+            show_default=False,
+        ),
+    ] = None,
+    summary: Annotated[
+        str | None,
+        _opt(
+            "--summary",
+            metavar="FILE.md",
+            help="With --claims: write the table and each claim's verdict, in numbers, as Markdown.",
+            show_default=False,
+        ),
+    ] = None,
+    figures: Annotated[
+        str | None,
+        _opt(
+            "--figures",
+            metavar="DIR",
+            help="With --claims: write the claim set's pictures (two-hop.png, single-hop.png) into DIR.",
+            show_default=False,
+        ),
+    ] = None,
     force: Force = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -1149,11 +1213,20 @@ def eval_command(
     writes the report a single process would.
     """
     _configure_logging(quiet, verbose)
-    for flag, path in (("--plot", plot), ("--predictions", predictions)):
+    for flag, path in (("--plot", plot), ("--predictions", predictions), ("--summary", summary)):
         if path == io.STDIO:
             raise UsageError(f"{flag} takes a file name, not '-': stdout carries the report")
     if fail_under is not None and not 0 <= fail_under <= 1:
         raise UsageError("--fail-under must be in [0, 1]")
+    if claims is not None and claims not in CLAIM_SETS:
+        raise UsageError(f"unknown --claims {claims!r}; choose one of {', '.join(CLAIM_SETS)}")
+    if claims is None and (summary or figures):
+        raise UsageError("--summary and --figures need --claims (the claim set they state)")
+    if combine:
+        _eval_combine(data, out, claims, summary, figures, table, force)
+        return
+    if base is None:
+        raise UsageError("--base is required (the model every system shares), unless --combine")
     if not verbose:
         from transformers.utils import logging as transformers_logging
 
@@ -1211,8 +1284,9 @@ def eval_command(
             write_plot(report, handle)
     with outputs.atomic_output_file(out or io.STDIO, force, inputs=inputs) as handle:
         handle.write(io.dumps_report(report))
+    _eval_claims(report, claims, summary, figures, force, inputs)
     if table:
-        _eval_table(report)
+        _claims_table(report) if claims else _eval_table(report)
     failing = evaluation.below(report, fail_under) if fail_under is not None else []
     if failing:
         metric = evaluation.primary_metric(scores)
@@ -1221,6 +1295,62 @@ def eval_command(
             f"{len(failing)} system/dataset result(s) below --fail-under {fail_under}, first "
             f"{first['system']} on {first['dataset']}: {metric} {first[metric]}"
         )
+
+
+def _eval_combine(
+    reports: list[str], out: str | None, claims, summary, figures, table: bool, force: bool
+) -> None:
+    """eval --combine: the pooled report of `reports`, then what --claims asks for."""
+    from lrtool.evaluate.combine import combine
+
+    for path in [out, summary]:
+        if path not in (None, io.STDIO):
+            outputs.check_output_free(path, force, reports)
+    if figures is not None:
+        outputs.check_output_free(figures, force, reports, directory=True)
+    report = combine(reports)
+    with outputs.atomic_output_file(out or io.STDIO, force, inputs=reports) as handle:
+        handle.write(io.dumps_report(report))
+    _eval_claims(report, claims, summary, figures, force, reports)
+    if table:
+        _claims_table(report) if claims else _eval_table(report)
+
+
+def _eval_claims(report: dict, claims, summary, figures, force: bool, inputs: list[str]) -> None:
+    """--summary FILE.md and --figures DIR of the claim set `claims` (two-hop), each written atomically."""
+    if claims is None:
+        return
+    from lrtool.evaluate import claims as claim_set
+
+    if summary is not None:
+        with outputs.atomic_output_file(summary, force, inputs=inputs) as handle:
+            handle.write(claim_set.summary(report))
+    if figures is not None:
+        from lrtool.evaluate.figures import check_plot_available, write_claim_plot
+
+        check_plot_available()
+        manifest = io.Manifest(["lrtool", *SESSION.argv], inputs=list(inputs), extra={"claims": claims})
+        with outputs.atomic_output_dir(figures, force, inputs=inputs, manifest=manifest) as folder:
+            for name, titles in (
+                ("two-hop.png", claim_set.TWO_HOP),
+                ("single-hop.png", claim_set.SINGLE_HOP),
+            ):
+                with open(Path(folder) / name, "wb") as handle:
+                    write_claim_plot(report, titles, handle)
+
+
+def _claims_table(report: dict) -> None:
+    """The claim set's compact table on stderr: a row per system, mean [95% interval] per column."""
+    from rich.table import Table
+
+    from lrtool.evaluate import claims as claim_set
+
+    table = Table(title="two-hop claims: exact match, mean [95% interval]", title_justify="left")
+    for column in ("group", "system", *(title for title, _, _ in claim_set.COLUMNS)):
+        table.add_column(column, no_wrap=column in ("group", "system"))
+    for row in claim_set.table_rows(report):
+        table.add_row(*row)
+    _stderr_console(wide=True).print(table)
 
 
 def _eval_table(report: dict) -> None:

@@ -92,10 +92,13 @@ def written_by_lrtool(path: str | Path) -> bool:
         return b"Software\x00" + PNG_SOFTWARE.encode() in head
     try:
         first = json.loads(head.split(b"\n", 1)[0])
-        if isinstance(first, dict) and (
-            {"prompt", "answer"} <= first.keys() or {"system", "line"} <= first.keys()
-        ):
-            return True
+    except (ValueError, RecursionError):
+        first = None  # a report written over several lines: its first line is "{"
+    if isinstance(first, dict) and (
+        {"prompt", "answer"} <= first.keys() or {"system", "line"} <= first.keys()
+    ):
+        return True
+    try:
         whole = json.loads(Path(path).read_bytes()) if Path(path).stat().st_size < (64 << 20) else None
     except (ValueError, RecursionError):
         return False

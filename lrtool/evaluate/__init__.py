@@ -128,7 +128,13 @@ def evaluate(settings: EvalSettings, on_progress: Callable[[int, int], None] | N
         },
         "inputs": {path: io.sha256_path(path) for path in dict.fromkeys(inputs)},
         "datasets": [
-            {"name": d.name, "path": d.path, "examples": len(d.examples), "by": [list(keys) for keys in by]}
+            {
+                "name": d.name,
+                "path": d.path,
+                "examples": len(d.examples),
+                "answers": len({example.answer.strip() for example in d.examples}),
+                "by": [list(keys) for keys in by],
+            }
             for d, by in zip(datasets, chosen)
         ],
         "systems": [

@@ -80,3 +80,53 @@ def _label(group: dict, keys: list[str]) -> str:
     if not group:
         return "all"
     return ",".join("null" if group.get(k) is None else str(group.get(k)) for k in keys)
+
+
+def write_claim_plot(report: dict, titles: list[str], handle) -> None:
+    """Bars of the columns `titles` (claims.COLUMNS) for every system, systems grouped as claims.GROUPS:
+    one cluster of bars per system, one colour per column, 95% whiskers, chance as a dotted line."""
+    check_plot_available()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lrtool.evaluate.claims import Cells, group_of
+
+    cells = Cells(report)
+    systems = [s for s in cells.systems if any(cells(s, t) for t in titles)]
+    positions, x = [], 0.0
+    for index, system in enumerate(systems):
+        if index and group_of(system) != group_of(systems[index - 1]):
+            x += 0.6  # a gap between groups
+        positions.append(x)
+        x += 1
+    figure, ax = plt.subplots(figsize=(2.2 + 0.62 * x, 4.4))
+    width = 0.8 / len(titles)
+    colours = plt.get_cmap("tab10").colors
+    for t, title in enumerate(titles):
+        xs, heights, low, high = [], [], [], []
+        for position, system in zip(positions, systems):
+            cell = cells(system, title)
+            if cell is None:
+                continue
+            value, (lo, hi) = cell
+            xs.append(position - 0.4 + width * (t + 0.5))
+            heights.append(value)
+            low.append(max(0.0, value - lo))
+            high.append(max(0.0, hi - value))
+        ax.bar(xs, heights, width, yerr=[low, high], capsize=2, label=title, color=colours[t % len(colours)])
+    if cells.chance and any(t.startswith("two-hop") for t in titles):
+        ax.axhline(cells.chance, color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set_xticks(positions, systems, rotation=40, ha="right")
+    for group in dict.fromkeys(group_of(system) for system in systems):
+        mine = [p for p, system in zip(positions, systems) if group_of(system) == group]
+        ax.text(sum(mine) / len(mine), 1.07, group, fontsize="small", style="italic", ha="center")
+        if mine[0] > 0:
+            ax.axvline(mine[0] - 0.8, color="lightgrey", linewidth=0.8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("exact match")
+    ax.legend(fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left")
+    figure.tight_layout()
+    figure.savefig(handle, format="png", dpi=110, metadata={"Software": outputs.PNG_SOFTWARE})
+    plt.close(figure)

@@ -1,7 +1,8 @@
 """Score every system on every example: greedy predictions and, when asked, answer log-likelihoods.
 
-Reads the base and every system (through lrtool.models and lrtool.adapters), holds the base once with all
-adapter systems hooked into it (lrtool.engine), and runs each model system as its own model. Rows are
+Reads the base and every system (through lrtool.models and lrtool.adapters; peft:DIR through peft), holds
+the base once with all adapter systems hooked into it (lrtool.engine), and runs each model system (model:,
+peft:) as its own model. Rows are
 (system, example) pairs: sorted by prompt length, cut into batches of `batch_size` rows holding whole
 examples (every system's row of an example; a batch mixes systems and pads little), each batch's rows
 ordered by system so every system's rows are one contiguous segment of the same size.
@@ -12,9 +13,11 @@ numbers are too. Returns one `Outcome` per (system, dataset, example); writes no
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lrtool.errors import UsageError
 from lrtool.evaluate.datasets import Dataset, candidate_pools, candidates_for, task_of
@@ -155,6 +158,10 @@ def _load(base: str, specs: list[SystemSpec], settings: RunSettings, device, dty
         elif spec.kind == "base":
             shared.append((index, None))
             described.append({"kind": "base"})
+        elif spec.kind == "peft":
+            other, other_tokenizer = _peft_model(base, spec.path, settings, dtype, device)
+            runs.append(Loaded(other, other_tokenizer, None, [(index, None)]))
+            described.append({"kind": "peft", "features": _peft_features(spec.path)})
         else:  # model
             other, other_tokenizer = _model(spec.path, settings, dtype, device)
             runs.append(Loaded(other, other_tokenizer, None, [(index, None)]))
@@ -177,6 +184,33 @@ def _model(path: str, settings: RunSettings, dtype, device):
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _peft_model(base: str, path: str, settings: RunSettings, dtype, device):
+    """A fresh copy of the base with the PEFT adapter at `path` applied by peft and merged into it."""
+    from peft import PeftModel
+
+    from lrtool.errors import InputError
+
+    model, tokenizer = _model(base, settings, dtype, "cpu")
+    try:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise InputError(f"peft:{path}: peft cannot apply it to {base}: {error}") from None
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _peft_features(path: str) -> list[str]:
+    """What the adapter's config holds beyond plain LoRA (trainable tokens, DoRA...), for the report."""
+    from lrtool.adapters.grammar import CONFIG_FEATURES
+
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [feature for key, feature in CONFIG_FEATURES if config.get(key)]
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 SPEC is `base`, `adapter:PATH` (anything lrtool.adapters reads: PEFT directory, bare safetensors, kohya,
 diffusers; merges too), `model:DIR` (a whole Hugging Face model, e.g. `merge --into-base` output, loaded
-beside the base and sharing nothing) or `router:DIR` (a router written by `lrtool route`). Reads adapters
-through lrtool.adapters and models through lrtool.models; writes nothing.
+beside the base and sharing nothing), `peft:DIR` (a PEFT adapter applied by peft itself to a copy of the
+base and merged into it, for what the canonical reader refuses: trainable token rows, DoRA...) or
+`router:DIR` (a router written by `lrtool route`). Reads adapters through lrtool.adapters and models through
+lrtool.models; writes nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from lrtool.errors import UsageError
 
-KINDS = ("base", "adapter", "model", "router")
+KINDS = ("base", "adapter", "model", "peft", "router")
 
 
 @dataclass(frozen=True)
@@ -29,14 +31,14 @@ class SystemSpec:
     @property
     def shares_base(self) -> bool:
         """Runs on the one base in memory (base, adapters, routers), not as a model of its own."""
-        return self.kind != "model"
+        return self.kind not in ("model", "peft")
 
 
 def parse_system(text: str) -> SystemSpec:
     """`NAME=SPEC` -> SystemSpec; a usage error says what a SPEC looks like."""
     name, equals, spec = text.partition("=")
     name, spec = name.strip(), spec.strip()
-    shape = "--system takes NAME=SPEC with SPEC base, adapter:PATH, model:DIR or router:DIR"
+    shape = "--system takes NAME=SPEC with SPEC base, adapter:PATH, model:DIR, peft:DIR or router:DIR"
     if not equals or not name:
         raise UsageError(f"{shape}; got {text!r}")
     kind, colon, path = spec.partition(":")
