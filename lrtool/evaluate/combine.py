@@ -113,6 +113,7 @@ def combine(paths: list[str]) -> dict:
         "settings": {
             "interval": "95% t interval over the reports (one per seed); one report: its bootstrap interval",
             "metrics": sorted({m for r in reports for m in r.get("settings", {}).get("metrics", [])}),
+            "reference": next((r["settings"].get("reference") for r in reports if r.get("settings")), None),
             "reports": len(reports),
         },
         "systems": list(systems.values()),
