@@ -92,6 +92,18 @@ def timed(function):
     return time.perf_counter() - start, result
 
 
+def world_and_base(tmp: Path) -> Path:
+    """A two-hop world (seed 1) in tmp/world and the tiny base pretrained on it for 60 steps: tmp/base."""
+    run(["gen-data", "two-hop", "--seed", "1", "-q", "-o", str(tmp / "world")])
+    run(
+        [
+            "train", str(tmp / "world" / "pretrain.jsonl"), "--base", "tiny", "--full",
+            "--vocab-from", str(tmp / "world"), "--max-steps", "60", "-q", "-o", str(tmp / "base"),
+        ]
+    )  # fmt: skip
+    return tmp / "base"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=256)
@@ -112,14 +124,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run(["gen-data", "two-hop", "--seed", "1", "-q", "-o", str(tmp / "world")])
-        run(
-            [
-                "train", str(tmp / "world" / "pretrain.jsonl"), "--base", "tiny", "--full",
-                "--vocab-from", str(tmp / "world"), "--max-steps", "60", "-q", "-o", str(tmp / "base"),
-            ]
-        )  # fmt: skip
-        base = tmp / "base"
+        base = world_and_base(tmp)
         data = tmp / "data.jsonl"
         lines = (tmp / "world" / "twohop.jsonl").read_text().splitlines()[: options.examples]
         data.write_text("\n".join(lines) + "\n")

@@ -40,7 +40,7 @@ def main() -> None:
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
 
-    from eval import random_adapters, run  # benchmarks/eval.py: the same set-up
+    from eval import random_adapters, world_and_base  # benchmarks/eval.py: the same set-up
     from peft import ArrowConfig, create_arrow_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,14 +53,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run(["gen-data", "two-hop", "--seed", "1", "-q", "-o", str(tmp / "world")])
-        run(
-            [
-                "train", str(tmp / "world" / "pretrain.jsonl"), "--base", "tiny", "--full",
-                "--vocab-from", str(tmp / "world"), "--max-steps", "60", "-q", "-o", str(tmp / "base"),
-            ]
-        )  # fmt: skip
-        base = tmp / "base"
+        base = world_and_base(tmp)
         lines = (tmp / "world" / "twohop.jsonl").read_text().splitlines()[: options.examples]
         prompts = [json.loads(line)["prompt"] for line in lines]
         adapters = random_adapters(base, tmp, max(COUNTS), 16)
