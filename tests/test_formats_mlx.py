@@ -175,9 +175,9 @@ def test_an_adapter_mlx_lm_trains_and_saves_reads_as_it_fuses(tmp_path):
 
 def test_a_peft_adapter_written_as_mlx_loads_in_mlx_lm_with_its_exact_update(cli, tmp_path):
     """Different ranks and scales per module: mlx-lm takes one of each (padded ranks, folded scales)."""
+    model = mlx_model()
     from mlx_lm.tuner.utils import load_adapters
 
-    model = mlx_model()
     peft_dir = make_adapter_dirs(tmp_path)["a1"]  # rank_pattern: v_proj has rank 2, the others 4
     out = tmp_path / "as-mlx"
     code, _, err = cli("merge", str(peft_dir), "--method", "linear", "--format", "mlx", "-o", str(out))
