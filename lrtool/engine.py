@@ -78,8 +78,12 @@ class TokenRouter(Part):
     """A per-token router: `weights(module, x)` -> (indices [n, k], weights [n, k]) for x [n, in].
 
     Subclasses (lrtool.routers) decide the adapters and weights; the engine computes only the adapters that
-    some token chose. An index of -1 means "no adapter" for that slot.
+    some token chose. An index of -1 means "no adapter" for that slot. A subclass that combines the chosen
+    adapters otherwise than by summing their weighted outputs overrides `apply` and sets `mixes_outputs`
+    False, so that the kernels' path (which sums outputs) hands its rows to its own `apply`.
     """
+
+    mixes_outputs = True
 
     def weights(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -270,7 +274,7 @@ class AdapterEngine:
             lora_apply(flat_x, flat_y, A_all, B_all, maps[per_row])
         for segment in plan.segments:
             rows = slice(segment.start * per_row, segment.stop * per_row)
-            if isinstance(segment.part, TokenRouter):
+            if isinstance(segment.part, TokenRouter) and segment.part.mixes_outputs:
                 indices, weights = segment.part.weights(name, flat_x[rows])
                 lora_apply(flat_x[rows], flat_y[rows], A_all, B_all, indices, weights)
             elif segment.part is not None and not isinstance(segment.part, OneAdapter):

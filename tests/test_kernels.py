@@ -456,6 +456,47 @@ def test_the_engine_gives_the_same_logits_through_the_kernels(device, kernels, m
     assert not dispatch.failed()
 
 
+def test_a_router_mixing_factors_keeps_its_definition_on_the_kernels_path(
+    device, kernels, monkeypatch, tmp_path
+):
+    """Arrow's `mix factors` ((sum w B)(sum w A) x) is not a sum of outputs: the kernels' path must hand its
+    rows to the router itself, not to lora_apply's weighted top-k (which would compute `mix outputs`)."""
+    from helpers import LORAS, TEXTS, peft_model, random_ids
+    from lrtool.adapters import load_adapter
+    from lrtool.engine import AdapterEngine, OneAdapter, Plan
+    from lrtool.routers.arrow import ArrowFactorsRouter, ArrowRouter
+
+    base_dir = save_tiny_llama(tmp_path / "base", TEXTS, layers=1)
+    adapters = [
+        load_adapter(save_random_peft_adapter(base_dir, tmp_path / f"a{i}", seed=i + 1, **config))
+        for i, config in enumerate(LORAS)
+    ]
+    ids = random_ids(3, 5).to(device)
+    logits = {}
+    for kind in (ArrowFactorsRouter, ArrowRouter):
+        for mode in ("off", "on"):
+            if mode == "off":
+                monkeypatch.setenv("LRTOOL_KERNELS", "off")
+            else:
+                use_kernels_on(device, monkeypatch)
+            model = peft_model(base_dir).to(device)
+            engine = AdapterEngine(model, adapters)
+            g = generator(5)
+            prototypes = {
+                name: torch.randn(len(adapters), A.shape[1], generator=g).to(device)
+                for name, (A, _) in engine.stacks.items()
+            }
+            router = kind(prototypes, torch.arange(len(adapters)), 2, 1.0)
+            with torch.no_grad(), engine.routing(Plan.by_row([OneAdapter(1), router, router])):
+                logits[kind.__name__, mode] = model(input_ids=ids).logits
+            engine.close()
+    for kind in ("ArrowFactorsRouter", "ArrowRouter"):
+        torch.testing.assert_close(logits[kind, "on"], logits[kind, "off"], rtol=1e-4, atol=1e-4)
+    # the two mixes differ far beyond that tolerance, so the check above tells them apart
+    assert (logits["ArrowFactorsRouter", "off"] - logits["ArrowRouter", "off"]).abs().max() > 1e-2
+    assert not dispatch.failed()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Dispatch
 
