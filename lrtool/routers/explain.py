@@ -45,7 +45,8 @@ def explain(
         ]
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            part = routing.part(batch)
+            with torch.inference_mode():  # a per-example router runs the base on the prompts
+                part = routing.part(batch)
             base_line = {"router": router.method, "adapters": router.names}
             if isinstance(part, RowMixture):
                 for row, example in enumerate(batch):
