@@ -343,7 +343,8 @@ def test_a_refusal_the_inspection_does_not_explain_still_becomes_a_finding(tmp_p
 
 def test_modules_of_a_refused_file_read_as_the_canonical_loader_reads_them(tmp_path):
     """rsLoRA, rank_pattern and alpha_pattern give the same scales whether load_adapter reads the file or
-    diagnose builds the modules itself (because a DoRA magnitude makes load_adapter refuse it)."""
+    diagnose reads the modules of a file load_adapter refuses (here for its DoRA magnitude) through the
+    survey."""
     modules = {Q0: factors(Q0, rank=4, seed=1), V0: factors(V0, rank=2, seed=2), GATE0: factors(GATE0, 2, 3)}
     config = {
         "r": 2,

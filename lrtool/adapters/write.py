@@ -2,8 +2,9 @@
 `peft.PeftModel.from_pretrained` loads), a kohya file, a diffusers file (`load_lora_weights`) or an mlx-lm
 directory (`mlx_lm.tuner.utils.load_adapters`). `save_as` picks the writer by name (grammar.FORMATS).
 
-Reads nothing from disk; writes into a directory the caller provides (making it atomic is the caller's job:
-lrtool.io). The same adapter gives the same bytes. Each writer keeps every module's exact update:
+Reads nothing from disk; writes into a directory the caller provides (making it atomic is the caller's
+job: lrtool.outputs.atomic_output_dir). The same adapter gives the same bytes. Each writer keeps every
+module's exact update:
 
 - peft: adapter_config.json + adapter_model.safetensors; every module's scale baked into r and lora_alpha
   (rank_pattern / alpha_pattern for the modules that differ from the most common), never rsLoRA, so peft
