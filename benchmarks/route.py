@@ -62,7 +62,6 @@ def main() -> None:
             (tmp / f"arrow{count}").mkdir()
             router.save(tmp / f"arrow{count}")
         tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base).eval()
         peft_models = {
             count: create_arrow_model(
                 AutoModelForCausalLM.from_pretrained(base),
@@ -86,24 +85,22 @@ def main() -> None:
                     with engine.routing(Plan.by_row([part] * len(batch_ids))):
                         net(**inputs, logits_to_keep=1)
 
-        def one_adapter():
-            engine = AdapterEngine(model, [load_adapter(adapters[0])])
-            try:
-                forward(model, engine, OneAdapter(0))
-            finally:
-                engine.close()
+        # Each lrtool way gets its own model and engine, built (adapters read, router loaded) before the timer
+        # starts, as peft's models are: only the forward passes are timed.
+        def prepared_one_adapter():
+            net = AutoModelForCausalLM.from_pretrained(base).eval()
+            return net, AdapterEngine(net, [load_adapter(adapters[0])]), OneAdapter(0)
 
-        def arrow(count: int):
+        def prepared_arrow(count: int):
+            net = AutoModelForCausalLM.from_pretrained(base).eval()
             _, held, make_routing = load_for_eval(str(tmp / f"arrow{count}"))
-            engine = AdapterEngine(model, held)
-            try:
-                part = make_routing(list(range(len(held))), RoutingContext(engine, model, tokenizer)).part([])
-                forward(model, engine, part)
-            finally:
-                engine.close()
+            engine = AdapterEngine(net, held)
+            part = make_routing(list(range(len(held))), RoutingContext(engine, net, tokenizer)).part([])
+            return net, engine, part
 
-        ways = {"one adapter": one_adapter}
-        ways.update({f"arrow {count}": (lambda count=count: arrow(count)) for count in COUNTS})
+        prepared = {"one adapter": prepared_one_adapter()}
+        prepared.update({f"arrow {count}": prepared_arrow(count) for count in COUNTS})
+        ways = {label: (lambda way=way: forward(*way)) for label, way in prepared.items()}
         ways.update(
             {f"peft arrow {count}": (lambda count=count: forward(peft_models[count])) for count in COUNTS}
         )
@@ -113,6 +110,8 @@ def main() -> None:
                 start = time.perf_counter()
                 way()
                 best[label] = min(best.get(label, float("inf")), time.perf_counter() - start)
+        for _, engine, _ in prepared.values():
+            engine.close()
 
     print(
         f"tiny Llama, random rank-16 adapters on every linear layer, forward passes over {len(prompts)} "
