@@ -421,18 +421,26 @@ def test_lrtool_train_routes_peft_layers_through_the_fused_function(device, kern
 # The engine (eval) on the kernels' path
 
 
-def test_the_engine_gives_the_same_logits_through_the_kernels(device, kernels, monkeypatch, tmp_path):
-    """Rows of single adapters, of the base and of a top-2 router in one batch: the kernels' path gives the
-    logits of the engine's own (CPU) path."""
-    from helpers import LORAS, TEXTS, FixedRouter, peft_model, random_ids
+def base_and_adapters(tmp_path):
+    """A one-layer tiny Llama and helpers.LORAS's three adapters on it (mixed ranks, alphas, targets)."""
+    from helpers import LORAS, TEXTS
     from lrtool.adapters import load_adapter
-    from lrtool.engine import AdapterEngine, OneAdapter, Plan
 
     base_dir = save_tiny_llama(tmp_path / "base", TEXTS, layers=1)
     adapters = [
         load_adapter(save_random_peft_adapter(base_dir, tmp_path / f"a{i}", seed=i + 1, **config))
         for i, config in enumerate(LORAS)
     ]
+    return base_dir, adapters
+
+
+def test_the_engine_gives_the_same_logits_through_the_kernels(device, kernels, monkeypatch, tmp_path):
+    """Rows of single adapters, of the base and of a top-2 router in one batch: the kernels' path gives the
+    logits of the engine's own (CPU) path."""
+    from helpers import FixedRouter, peft_model, random_ids
+    from lrtool.engine import AdapterEngine, OneAdapter, Plan
+
+    base_dir, adapters = base_and_adapters(tmp_path)
     ids = random_ids(7, 5).to(device)
     g = generator(4)
     indices = torch.stack([torch.randperm(3, generator=g)[:2] for _ in range(2 * 5)]).to(device)
@@ -461,16 +469,11 @@ def test_a_router_mixing_factors_keeps_its_definition_on_the_kernels_path(
 ):
     """Arrow's `mix factors` ((sum w B)(sum w A) x) is not a sum of outputs: the kernels' path must hand its
     rows to the router itself, not to lora_apply's weighted top-k (which would compute `mix outputs`)."""
-    from helpers import LORAS, TEXTS, peft_model, random_ids
-    from lrtool.adapters import load_adapter
+    from helpers import peft_model, random_ids
     from lrtool.engine import AdapterEngine, OneAdapter, Plan
     from lrtool.routers.arrow import ArrowFactorsRouter, ArrowRouter
 
-    base_dir = save_tiny_llama(tmp_path / "base", TEXTS, layers=1)
-    adapters = [
-        load_adapter(save_random_peft_adapter(base_dir, tmp_path / f"a{i}", seed=i + 1, **config))
-        for i, config in enumerate(LORAS)
-    ]
+    base_dir, adapters = base_and_adapters(tmp_path)
     ids = random_ids(3, 5).to(device)
     logits = {}
     for kind in (ArrowFactorsRouter, ArrowRouter):
