@@ -168,6 +168,7 @@ _lrtool_route() {
     '--map=[oracle\: which adapter each label goes to.]:VALUE=ADAPTER,...:_files' \
     '--base=[centroid, lorahub, --explain\: the base model directory.]:BASE:_files' \
     '--explain=[Print this router'\''s decisions on DATA.jsonl... as JSON lines.]:ROUTER:_files' \
+    '--chat-template[centroid, lorahub, --explain\: format prompts with the base'\''s chat template (as train and eval do; give it where they were given it).]' \
     '--batch-size=[--explain\: examples per forward pass.]:INT: ' \
     '--list[Print the routers as JSON lines (name, summary, parameters) and exit.]' \
     '--force[Replace an existing output (only one lrtool wrote).]' \

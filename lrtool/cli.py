@@ -1546,6 +1546,14 @@ def route_command(
             show_default=False,
         ),
     ] = None,
+    chat_template: Annotated[
+        bool,
+        _opt(
+            "--chat-template",
+            help="centroid, lorahub, --explain: format prompts with the base's chat template (as train and "
+            "eval do; give it where they were given it).",
+        ),
+    ] = False,
     batch_size: Annotated[
         int, _opt("--batch-size", min=1, help="--explain: examples per forward pass.")
     ] = 64,
@@ -1578,7 +1586,10 @@ def route_command(
         with outputs.atomic_output_file(
             out or io.STDIO, force, inputs=[*args, explain_router, base]
         ) as handle:
-            io.write_jsonl(explain(explain_router, args, base, batch_size=batch_size), handle)
+            io.write_jsonl(
+                explain(explain_router, args, base, batch_size=batch_size, chat_template=chat_template),
+                handle,
+            )
         return
     if not args:
         raise UsageError("give the adapters to route between (or --list to see the routers)")
@@ -1598,6 +1609,7 @@ def route_command(
         "seed": seed,
         "by": by,
         "map": map_,
+        "chat_template": chat_template or None,
     }
     files = [item.partition("=")[2] or item for item in examples or []]
     inputs = [*args, *(general or []), *files, *([base] if base else [])]

@@ -7,8 +7,16 @@ exact-match cover the answer and the EOS. With `chat_template`, the prompt is th
 answer the assistant's reply, formatted by the tokenizer's chat template (instruction-tuned bases).
 """
 
+from lrtool.errors import UsageError
+
 SEPARATOR = " "
 IGNORE = -100  # label of tokens without loss (torch's cross_entropy ignore_index)
+
+
+def check_chat_template(tokenizer, chat_template: bool, model: str) -> None:
+    """--chat-template with a tokenizer that has none is a usage error naming the model."""
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"--chat-template: the tokenizer of {model} has no chat template (drop the flag)")
 
 
 def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:

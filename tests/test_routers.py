@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from helpers import peft_model, random_ids, save_random_peft_adapter, save_tiny_llama
 from lrtool.adapters import load_adapter
@@ -279,6 +280,47 @@ def test_centroid_sends_each_adapter_its_own_kind_of_example(cli, env, tmp_path)
     for line in lines:
         assert line["chosen"][0]["adapter"] == line["dataset"]
         assert line["chosen"][0]["weight"] == pytest.approx(1.0)
+
+
+def test_centroid_with_chat_template_reads_prompts_as_eval_formats_them(cli, env, tmp_path):
+    """--chat-template: the centroids are those of the prompts the chat template renders (here "Q: " before
+    the question), the same as a router built from examples already written that way; a base without a
+    template is refused before anything is written."""
+    from transformers import AutoTokenizer
+
+    chat_base = tmp_path / "chat-base"
+    shutil.copytree(env.base, chat_base)
+    tokenizer = AutoTokenizer.from_pretrained(chat_base)
+    tokenizer.chat_template = "{{ bos_token + 'Q: ' + messages[0]['content'] }}"  # BOS, as real templates
+    tokenizer.save_pretrained(chat_base)
+    lines = [json.loads(x) for x in (env.world / "hop1.jsonl").read_text().splitlines()[:6]]
+    plain, rendered = tmp_path / "plain.jsonl", tmp_path / "rendered.jsonl"
+    plain.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rendered.write_text("".join(json.dumps({**x, "prompt": "Q: " + x["prompt"]}) + "\n" for x in lines))
+
+    def centroids(out, examples, base, *extra):
+        route(
+            cli, env, out, *adapters(env, "a1"), "--method", "centroid", "--examples", f"a1={examples}",
+            "--base", str(base), *extra,
+        )  # fmt: skip
+        return load_file(out / "router.safetensors")["centroids"], json.loads(
+            (out / "router.json").read_text()
+        )
+
+    templated, config = centroids(tmp_path / "templated", plain, chat_base, "--chat-template")
+    written, _ = centroids(tmp_path / "written", rendered, chat_base)
+    untemplated, plain_config = centroids(tmp_path / "untemplated", plain, chat_base)
+    assert config["parameters"]["chat_template"] is True and "chat_template" not in plain_config["parameters"]
+    torch.testing.assert_close(templated, written, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(templated, untemplated)
+
+    code, out, err = cli(
+        "route", *adapters(env, "a1"), "--method", "centroid", "--examples", f"a1={plain}",
+        "--base", str(env.base), "--chat-template", "-o", str(tmp_path / "refused"),
+    )  # fmt: skip
+    assert (code, out) == (2, "") and "no chat template" in err and not (tmp_path / "refused").exists()
+    code, _, err = cli("route", *adapters(env, "a1"), "--method", "arrow", "--chat-template", "-o", "x")
+    assert code == 2 and "does not take --chat-template" in err
 
 
 def test_lorahub_finds_the_adapter_that_wrote_the_examples_and_improves_on_its_start(cli, env, tmp_path):

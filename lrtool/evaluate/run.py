@@ -176,11 +176,11 @@ def _load(base: str, specs: list[SystemSpec], settings: RunSettings, device, dty
 
 
 def _model(path: str, settings: RunSettings, dtype, device):
+    from lrtool.encoding import check_chat_template
     from lrtool.models import load_base
 
     model, tokenizer = load_base(path, trust_remote_code=settings.trust_remote_code, dtype=dtype)
-    if settings.chat_template and not getattr(tokenizer, "chat_template", None):
-        raise UsageError(f"--chat-template: the tokenizer of {path} has no chat template (drop the flag)")
+    check_chat_template(tokenizer, settings.chat_template, path)
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -46,6 +46,14 @@ class Parameter:
     help: str
 
 
+# The routers that run the base on examples (centroid, lorahub) format their prompts as train and eval do.
+CHAT_TEMPLATE = Parameter(
+    "chat_template",
+    False,
+    "format the examples' prompts with the base's chat template (as train and eval --chat-template)",
+)
+
+
 @dataclass
 class AdapterRef:
     """An adapter a router uses: the name routing decisions call it by, where it is, its sha256."""

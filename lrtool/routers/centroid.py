@@ -13,6 +13,7 @@ import torch
 
 from lrtool.errors import UsageError
 from lrtool.routers.base import (
+    CHAT_TEMPLATE,
     BuildInputs,
     Parameter,
     Router,
@@ -40,7 +41,7 @@ def parse_examples(items: list[str], names: list[str]) -> dict[str, str]:
 
 def build(inputs: BuildInputs) -> tuple[dict, dict[str, torch.Tensor]]:
     from lrtool.decoding import mean_hidden_states
-    from lrtool.encoding import prompt_ids
+    from lrtool.encoding import check_chat_template, prompt_ids
     from lrtool.io import read_jsonl
     from lrtool.models import load_base
 
@@ -52,18 +53,22 @@ def build(inputs: BuildInputs) -> tuple[dict, dict[str, torch.Tensor]]:
     if not temperature > 0:
         raise UsageError("--temperature must be positive")
     files = parse_examples(list(inputs.option("examples", [])), names)
+    chat_template = bool(inputs.option("chat_template", False))
     model, tokenizer = load_base(inputs.base)
+    check_chat_template(tokenizer, chat_template, inputs.base)
     model.eval()
     centroids = []
     with torch.inference_mode():
         for name in names:
-            prompts = [prompt_ids(tokenizer, obj["prompt"]) for obj in read_jsonl(files[name])]
+            prompts = [prompt_ids(tokenizer, obj["prompt"], chat_template) for obj in read_jsonl(files[name])]
             if not prompts:
                 raise UsageError(f"--examples {name}={files[name]}: no examples")
             hidden = mean_hidden_states(model, prompts, pad_id=tokenizer.pad_token_id, layer=layer)
             centroids.append(hidden.mean(0))
             inputs.log(f"centroid of {name}: {len(prompts)} examples")
     parameters = {"top_k": top_k, "temperature": temperature, "layer": layer, "examples": files}
+    if chat_template:  # recorded only when used: routers built without it keep their bytes
+        parameters["chat_template"] = True
     return parameters, {"centroids": torch.stack(centroids)}
 
 
@@ -106,6 +111,7 @@ METHOD = RouterMethod(
         Parameter("layer", -1, "the hidden layer compared (0 = the embeddings, -1 = the last)"),
         Parameter("top_k", 1, "adapters mixed per example"),
         Parameter("temperature", 1.0, "softmax temperature over the kept cosines"),
+        CHAT_TEMPLATE,
     ),
     build=build,
     routing=routing,

@@ -24,7 +24,7 @@ def explain(
     directory: str, data: list[str], base: str, batch_size: int = 64, chat_template: bool = False
 ) -> Iterator[dict]:
     from lrtool.adapters import match_module_names
-    from lrtool.encoding import prompt_ids
+    from lrtool.encoding import check_chat_template, prompt_ids
     from lrtool.evaluate.datasets import read_datasets
     from lrtool.models import load_base, module_names
     from lrtool.routers.build import load_for_eval
@@ -32,6 +32,7 @@ def explain(
     datasets = read_datasets(data)
     router, held, make_routing = load_for_eval(directory)
     model, tokenizer = load_base(base)
+    check_chat_template(tokenizer, chat_template, base)
     model.eval()
     names = module_names(model)
     engine = AdapterEngine(model, [match_module_names(adapter, names) for adapter in held])

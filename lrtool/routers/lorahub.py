@@ -16,7 +16,15 @@ import torch
 from lrtool.adapters import Adapter, LoraModule
 from lrtool.engine import OneAdapter
 from lrtool.errors import IncompatibleError, InputError, UsageError
-from lrtool.routers.base import BuildInputs, FixedRouting, Parameter, Router, RouterMethod, RoutingContext
+from lrtool.routers.base import (
+    CHAT_TEMPLATE,
+    BuildInputs,
+    FixedRouting,
+    Parameter,
+    Router,
+    RouterMethod,
+    RoutingContext,
+)
 
 BOUND = 1.5  # weights live in [-BOUND, BOUND], as in LoraHub
 L1 = 0.05  # the weight of mean |w| in the objective, as in LoraHub
@@ -55,7 +63,8 @@ def build(inputs: BuildInputs) -> tuple[dict, dict[str, torch.Tensor]]:
     if budget < 1:
         raise UsageError("--budget must be at least 1")
     combined(inputs.adapters, [1.0] * len(inputs.adapters))  # the rank check, before the base loads
-    loss = _objective(inputs.adapters, examples[0], inputs.base)
+    chat_template = bool(inputs.option("chat_template", False))
+    loss = _objective(inputs.adapters, examples[0], inputs.base, chat_template)
     start = [0.0] * len(inputs.adapters)
     trace = []
 
@@ -82,23 +91,26 @@ def build(inputs: BuildInputs) -> tuple[dict, dict[str, torch.Tensor]]:
         "weights": best["weights"],
         "search": trace,
     }
+    if chat_template:  # recorded only when used: routers built without it keep their bytes
+        parameters["chat_template"] = True
     return parameters, {"weights": torch.tensor(best["weights"], dtype=torch.float64)}
 
 
-def _objective(adapters: list[Adapter], examples: str, base: str):
+def _objective(adapters: list[Adapter], examples: str, base: str, chat_template: bool = False):
     """w -> mean cross-entropy per answer token (EOS included) of the examples under the combined adapter."""
     from lrtool.decoding import continuation_logliks
-    from lrtool.encoding import answer_ids, prompt_ids
+    from lrtool.encoding import answer_ids, check_chat_template, prompt_ids
     from lrtool.engine import AdapterEngine, Plan
     from lrtool.io import read_jsonl
     from lrtool.models import load_base
 
     model, tokenizer = load_base(base)
+    check_chat_template(tokenizer, chat_template, base)
     model.eval()
     rows = []
     for obj in read_jsonl(examples):
-        head = prompt_ids(tokenizer, obj["prompt"])
-        rows.append((head, answer_ids(tokenizer, obj["prompt"], obj["answer"])))
+        head = prompt_ids(tokenizer, obj["prompt"], chat_template)
+        rows.append((head, answer_ids(tokenizer, obj["prompt"], obj["answer"], chat_template)))
     if not rows:
         raise InputError(f"{examples}: no examples")
     tokens = sum(len(answer) for _, answer in rows)
@@ -138,6 +150,7 @@ METHOD = RouterMethod(
         Parameter("examples", [], "FILE.jsonl: a few examples of the task the weights are fitted to"),
         Parameter("budget", 40, "evaluations of the objective"),
         Parameter("seed", 0, "seed of the search"),
+        CHAT_TEMPLATE,
     ),
     build=build,
     prepare=prepare,

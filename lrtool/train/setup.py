@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lrtool import io
-from lrtool.encoding import IGNORE, encode_example, word_ids
+from lrtool.encoding import IGNORE, check_chat_template, encode_example, word_ids
 from lrtool.errors import InputError, UsageError
 from lrtool.kernels import dispatch
 from lrtool.models import load_base, texts_of, tiny_preset
@@ -90,8 +90,7 @@ def prepare(s: TrainSettings, dist: Distributed) -> Prepared:
         trust_remote_code=s.trust_remote_code,
         dtype=getattr(torch, s.dtype) if s.dtype else None,
     )
-    if s.chat_template and not getattr(tokenizer, "chat_template", None):
-        raise UsageError(f"--chat-template: the tokenizer of {s.base} has no chat template (drop the flag)")
+    check_chat_template(tokenizer, s.chat_template, s.base)
     encoded = [encode_line(tokenizer, p, a, w, s, s.loss == "all") for (p, a), w in zip(examples, origins)]
     encoded = _truncate(encoded, origins, s.max_length)
     token_ids = token_ids_for(s.train_tokens, tokenizer, s.base, examples) if s.train_tokens else None
