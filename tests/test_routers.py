@@ -313,6 +313,13 @@ def test_centroid_with_chat_template_reads_prompts_as_eval_formats_them(cli, env
     assert config["parameters"]["chat_template"] is True and "chat_template" not in plain_config["parameters"]
     torch.testing.assert_close(templated, written, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(templated, untemplated)
+    for flags, warned in (([], True), (["--chat-template"], False)):
+        code, _, err = cli(
+            "eval", str(plain), "--base", str(chat_base), "--system", f"c=router:{tmp_path / 'templated'}",
+            "--limit", "2", *flags, "-o", str(tmp_path / f"eval{len(flags)}.json"),
+        )  # fmt: skip
+        assert code == 0, err
+        assert ("built with --chat-template but eval runs without it" in err) == warned, err
 
     code, out, err = cli(
         "route", *adapters(env, "a1"), "--method", "centroid", "--examples", f"a1={plain}",

@@ -142,6 +142,7 @@ def _load(base: str, specs: list[SystemSpec], settings: RunSettings, device, dty
             )
         elif spec.kind == "router":
             router, held, make_routing = load_for_eval(spec.path)
+            _check_router_prompts(router, spec.path, settings.chat_template)
             slots = list(range(len(adapters), len(adapters) + len(held)))
             adapters.extend(match_module_names(adapter, names) for adapter in held)
             routers.append((index, slots, make_routing))
@@ -173,6 +174,23 @@ def _load(base: str, specs: list[SystemSpec], settings: RunSettings, device, dty
         shared = [(index, routings.get(index, part)) for index, part in shared]
         runs.insert(0, Loaded(model, tokenizer, engine, shared))
     return runs, described
+
+
+def _check_router_prompts(router, path: str, chat_template: bool) -> None:
+    """Warn when a router built from prompts (centroid, lorahub) saw them formatted unlike eval does."""
+    from lrtool.routers import get
+
+    if not any(p.name == "chat_template" for p in get(router.method).parameters):
+        return
+    built = bool(router.parameters.get("chat_template", False))
+    if built != chat_template:
+        log.warning(
+            "router %s was built %s --chat-template but eval runs %s it: it saw its examples' prompts "
+            "formatted otherwise than the ones it routes now",
+            path,
+            "with" if built else "without",
+            "with" if chat_template else "without",
+        )
 
 
 def _model(path: str, settings: RunSettings, dtype, device):
