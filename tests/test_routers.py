@@ -89,11 +89,59 @@ def same(lines, others):
         assert a["loglik"] == pytest.approx(b["loglik"], rel=1e-4, abs=1e-4)
 
 
-@pytest.mark.parametrize("method", ["arrow", "uniform"])
-def test_a_router_over_one_adapter_predicts_what_the_adapter_does(cli, env, tmp_path, method):
-    router = route(cli, env, tmp_path / method, *adapters(env, "a2"), "--method", method)
+def hop2_examples(env, tmp_path, count=8):
+    path = tmp_path / "examples.jsonl"
+    path.write_text("".join((env.world / "hop2.jsonl").read_text().splitlines(keepends=True)[:count]))
+    return str(path)
+
+
+# Each registered router's flags when it routes over the one adapter a2 (one row per router: a new router
+# must add its row, see the test below the table).
+ONE_ADAPTER = {
+    "arrow": lambda env, tmp_path: [],
+    "uniform": lambda env, tmp_path: [],
+    "centroid": lambda env, tmp_path: [
+        "--examples",
+        f"a2={hop2_examples(env, tmp_path)}",
+        "--base",
+        str(env.base),
+    ],
+    "oracle": lambda env, tmp_path: ["--by", "familiarity", "--map", "R=a2,H=a2,F=a2"],
+    "lorahub": lambda env, tmp_path: [
+        "--examples",
+        hop2_examples(env, tmp_path),
+        "--base",
+        str(env.base),
+        "--budget",
+        "4",
+    ],
+}
+
+
+def test_every_registered_router_has_its_row():
+    from lrtool import routers
+
+    assert sorted(ONE_ADAPTER) == sorted(routers.REGISTRY)
+
+
+@pytest.mark.parametrize("method", sorted(ONE_ADAPTER))
+def test_a_router_over_one_adapter_computes_its_definition(cli, env, tmp_path, method):
+    """Over one adapter, every router but lorahub is that adapter on every row and token (top-k of one,
+    weight 1); lorahub is its found weight times the adapter, which merge's linear computes independently."""
+    flags = ONE_ADAPTER[method](env, tmp_path)
+    router = route(cli, env, tmp_path / method, *adapters(env, "a2"), "--method", method, *flags)
+    reference = env.adapters["a2"]
+    if method == "lorahub":
+        (weight,) = json.loads((router / "router.json").read_text())["parameters"]["weights"]
+        assert weight != 0
+        reference = tmp_path / "weighted"
+        code, _, err = cli(
+            "merge", str(env.adapters["a2"]), "--method", "linear", "--weights", repr(weight),
+            "-o", str(reference), "-q",
+        )  # fmt: skip
+        assert code == 0, err
     got = eval_predictions(
-        cli, env, tmp_path, f"--system=one=adapter:{env.adapters['a2']}", f"--system=r=router:{router}"
+        cli, env, tmp_path, f"--system=one=adapter:{reference}", f"--system=r=router:{router}"
     )
     same(got["r"], got["one"])
 
