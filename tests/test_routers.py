@@ -202,6 +202,54 @@ def dense_hooked_logits(env, ids, contribution):
     return logits
 
 
+@pytest.mark.parametrize("general", [0, 2])
+def test_arrow_routes_as_peft_arrow_does(cli, env, tmp_path, monkeypatch, general):
+    """Against peft's own Arrow (create_arrow_model; with general adapters, its GenKnowSub): the same logits.
+    peft finds each prototype by 15 steps of power iteration; run to convergence here (lrtool's prototypes
+    are exact SVDs), the two agree to float32 rounding."""
+    from peft import ArrowConfig, create_arrow_model
+    from peft.tuners.lora import arrow as peft_arrow
+    from transformers import AutoModelForCausalLM
+
+    from lrtool.routers.base import RoutingContext
+    from lrtool.routers.build import load_for_eval
+
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])  # peft: one rank
+    tasks = [
+        str(save_random_peft_adapter(env.base, tmp_path / f"t{i}", seed=20 + i, **config)) for i in range(3)
+    ]
+    generals = [
+        str(save_random_peft_adapter(env.base, tmp_path / f"g{i}", seed=40 + i, scale=0.1, **config))
+        for i in range(general)
+    ]
+    power_iteration = peft_arrow.ArrowLoraLinearLayer.top_right_singular_vec_from_BA
+    monkeypatch.setattr(
+        peft_arrow.ArrowLoraLinearLayer,
+        "top_right_singular_vec_from_BA",
+        lambda self, A, B: power_iteration(self, A.double(), B.double(), iters=2000),
+    )
+    peft = create_arrow_model(
+        AutoModelForCausalLM.from_pretrained(env.base),
+        tasks,
+        ArrowConfig(top_k=2, router_temperature=1.0, use_gks=bool(generals), rng_seed=0),
+        general_adapter_paths=generals or None,
+    ).eval()
+    ids = random_ids(3, 7, seed=5)
+    with torch.no_grad():
+        expected = peft(input_ids=ids).logits
+
+    flags = [flag for path in generals for flag in ("--general", path)]
+    router_dir = route(cli, env, tmp_path / "arrow", *tasks, "--method", "arrow", "--top-k", "2", *flags)
+    _, held, make_routing = load_for_eval(str(router_dir))
+    model = peft_model(env.base)
+    engine = AdapterEngine(model, held)
+    part = make_routing(list(range(len(held))), RoutingContext(engine, model, None)).part([])
+    with torch.no_grad(), engine.routing(Plan.by_row([part] * len(ids))):
+        got = model(input_ids=ids).logits
+    engine.close()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_uniform_is_the_mean_of_the_adapters_outputs(env):
     from lrtool.routers.uniform import UniformRouter
 
