@@ -574,3 +574,16 @@ def test_a_router_that_cannot_be_used_is_refused_by_eval(cli, env, tmp_path, dam
         "2",
     )
     assert code == 1 and out == "" and needle in err and err.count("\n") == 1
+
+
+def test_route_list_prints_every_router_with_its_parameters(cli):
+    from lrtool import routers
+
+    code, out, err = cli("route", "--list")
+    assert code == 0, err
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert [entry["name"] for entry in listed] == list(routers.REGISTRY)
+    by_name = {entry["name"]: entry for entry in listed}
+    assert {p["name"] for p in by_name["centroid"]["parameters"]} >= {"examples", "layer", "chat_template"}
+    code, out, err = cli("route", "--list", "--method", "arrow")
+    assert (code, out) == (2, "") and "--list takes no" in err
