@@ -11,6 +11,9 @@ from lrtool.errors import UsageError
 
 SEPARATOR = " "
 IGNORE = -100  # label of tokens without loss (torch's cross_entropy ignore_index)
+# A token is rarely longer than this many characters: a text of more than CHARS_PER_TOKEN x N characters
+# cannot fit in N tokens, which train and eval judge before tokenizing a huge line.
+CHARS_PER_TOKEN = 32
 
 
 def check_chat_template(tokenizer, chat_template: bool, model: str) -> None:

@@ -399,6 +399,33 @@ def test_a_huge_prompt_is_cut_to_the_tail_truncation_keeps_before_tokenizing(env
     assert ids[-16:] == full_ids[-16:] and labels[-16:] == full_labels[-16:]
 
 
+def test_eval_refuses_a_prompt_longer_than_the_model_reads_without_tokenizing_a_huge_one(
+    cli, env, tmp_path, monkeypatch
+):
+    """The tiny base reads 256 positions: a 300-word prompt is refused by its tokens, a 10 MB one by its
+    characters before any tokenizer sees it; both name FILE:LINE and write nothing."""
+    import lrtool.encoding as encoding
+
+    tokenized = []
+    real_prompt_ids = encoding.prompt_ids
+    monkeypatch.setattr(
+        encoding, "prompt_ids", lambda tok, p, *a: tokenized.append(len(p)) or real_prompt_ids(tok, p, *a)
+    )
+    for words, needle in ((300, "tokens"), (2_000_000, "characters")):
+        data = tmp_path / f"long{words}.jsonl"
+        lines = [
+            {"prompt": "Who is Brehur's mentor?", "answer": "x"},
+            {"prompt": "mentor " * words, "answer": "x"},
+        ]
+        data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        report = tmp_path / f"r{words}.json"
+        code, out, err = cli("eval", str(data), "--base", str(env.base), "-o", str(report))
+        assert (code, out) == (1, "") and one_error_line(err), err
+        assert f"{data}:2: the prompt is" in err and needle in err and "256 positions" in err
+        assert not report.exists()
+    assert max(tokenized) < 32 * 256  # the huge prompt never reached the tokenizer
+
+
 def test_an_answer_too_long_for_max_length_is_refused_with_file_and_line(cli, env, tmp_path):
     second = tmp_path / "second.jsonl"
     lines = [json.dumps({"prompt": "p", "answer": "short"})] * 3 + [

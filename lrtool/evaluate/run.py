@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrtool.errors import UsageError
-from lrtool.evaluate.datasets import Dataset, candidate_pools, candidates_for, task_of
+from lrtool.evaluate.datasets import Dataset, candidate_pools, candidates_for, check_fits, task_of
 from lrtool.evaluate.systems import SystemSpec
 
 log = logging.getLogger(__name__)
@@ -250,10 +250,12 @@ class _Job:
         self.loaded, self.settings = loaded, settings
         tokenizer, chat = loaded.tokenizer, settings.chat_template
         self.examples: list[_Item] = []
-        longest = 0
+        longest, positions = 0, getattr(loaded.model.config, "max_position_embeddings", None)
         for d, dataset in enumerate(datasets):
             for e, example in enumerate(dataset.examples):
+                check_fits(dataset, example, positions)
                 head = prompt_ids(tokenizer, example.prompt, chat)
+                check_fits(dataset, example, positions, len(head))
                 texts = [example.answer]
                 if settings.loglik:
                     pool = pools[(dataset.name, task_of(example))]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lrtool import io
-from lrtool.encoding import IGNORE, check_chat_template, encode_example, word_ids
+from lrtool.encoding import CHARS_PER_TOKEN, IGNORE, check_chat_template, encode_example, word_ids
 from lrtool.errors import InputError, UsageError
 from lrtool.kernels import dispatch
 from lrtool.models import load_base, texts_of, tiny_preset
@@ -136,10 +136,8 @@ def read_examples(paths: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
     return examples, origins
 
 
-# A token is rarely longer than this many characters: a prompt of more than CHARS_PER_TOKEN x max_length
-# characters is cut to its tail before tokenizing (what truncation keeps anyway), so a huge line costs no
-# more than a long one; an answer that long cannot fit at all.
-CHARS_PER_TOKEN = 32
+# A prompt of more than CHARS_PER_TOKEN x max_length characters is cut to its tail before tokenizing (what
+# truncation keeps anyway), so a huge line costs no more than a long one; an answer that long cannot fit.
 
 
 def encode_line(tokenizer, prompt: str, answer: str, where: str, s: TrainSettings, loss_on_prompt: bool):
