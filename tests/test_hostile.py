@@ -472,6 +472,15 @@ def test_a_later_run_removes_the_temporaries_of_killed_runs_but_not_of_live_ones
     assert not stale_dir.exists() and not stale_old.exists() and live.exists()
 
 
+def test_a_finished_training_run_removes_what_killed_checkpoint_saves_left(cli, env, tmp_path):
+    stale = [tmp_path / f".o.ckpt.{dead_pid()}.abc.tmp", tmp_path / f".o.ckpt.old-{dead_pid()}"]
+    for path in stale:
+        path.mkdir()
+        (path / "trainable.safetensors").write_bytes(b"0" * 100)
+    assert cli(*train_args(env, "-o", str(tmp_path / "o")))[0] == 0
+    assert not any(path.exists() for path in stale) and (tmp_path / "o").is_dir()
+
+
 def interrupt_at(monkeypatch, at_step: int) -> None:
     import lrtool.train as training
 

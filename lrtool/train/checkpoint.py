@@ -26,8 +26,9 @@ def checkpoint_dir(final: Path) -> Path:
 
 
 def remove_checkpoint(ckpt: Path) -> None:
-    """Drop the checkpoint of a run whose output is now in place."""
+    """Drop the checkpoint of a run whose output is now in place, and what killed saves of it left behind."""
     shutil.rmtree(ckpt, ignore_errors=True)
+    outputs.remove_stale_temporaries(ckpt)
 
 
 def save_checkpoint(
