@@ -16,7 +16,7 @@ _lrtool_options() {  # every option spelling of a command
         'merge') REPLY='-o --out --method --weights -r --rank --density --seed --epsilon --lambda --gamma --t --into-base --allow-base-mismatch --format --list --force -q --quiet -v --verbose -h --help' ;;
         'diagnose') REPLY='--base --fail-on --table --exact-sign-conflicts --plot --force -q --quiet -v --verbose -h --help' ;;
         'eval') REPLY='--base --system --adapter --model --score --choices --max-choices --by --bootstrap --reference --limit --batch-size --max-new-tokens --chat-template --device --dtype --seed -o --out --predictions --table --plot --fail-under --trust-remote-code --combine --claims --summary --figures --force -q --quiet -v --verbose -h --help' ;;
-        'route') REPLY='-o --out --method --top-k --temperature --mix --general --examples --layer --budget --seed --by --map --base --explain --chat-template --batch-size --list --force -q --quiet -v --verbose -h --help' ;;
+        'route') REPLY='-o --out --method --top-k --temperature --mix --general --examples --layer --budget --seed --by --map --base --explain --chat-template --allow-base-mismatch --batch-size --list --force -q --quiet -v --verbose -h --help' ;;
         'gen-data') REPLY='-h --help' ;;
         'gen-data two-hop') REPLY='--split -o --out --templates --seed --size --cities --familiar-mentors --new-mentors --familiar-people --h-people --f-people --bridge-fraction --filler --force -q --quiet -v --verbose -h --help' ;;
         'gen-data math') REPLY='--split -o --out --templates --seed --size --skill-problems --composed-problems --subtraction-facts --filler-sentences --shared-template --answer-format --force -q --quiet -v --verbose -h --help' ;;

@@ -136,6 +136,7 @@ complete -c lrtool -n '__fish_seen_subcommand_from route' -l map -r -F -d 'oracl
 complete -c lrtool -n '__fish_seen_subcommand_from route' -l base -r -F -d 'centroid, lorahub, --explain: the base model directory.'
 complete -c lrtool -n '__fish_seen_subcommand_from route' -l explain -r -F -d 'Print this router\'s decisions on DATA.jsonl... as JSON lines.'
 complete -c lrtool -n '__fish_seen_subcommand_from route' -l chat-template -d 'centroid, lorahub, --explain: format prompts with the base\'s chat template (as train and eval do; give it where they were given it).'
+complete -c lrtool -n '__fish_seen_subcommand_from route' -l allow-base-mismatch -d 'Route between adapters whose configs name different bases (e.g. one model under two names); their shapes must still agree.'
 complete -c lrtool -n '__fish_seen_subcommand_from route' -l batch-size -x -d '--explain: examples per forward pass.'
 complete -c lrtool -n '__fish_seen_subcommand_from route' -l list -d 'Print the routers as JSON lines (name, summary, parameters) and exit.'
 complete -c lrtool -n '__fish_seen_subcommand_from route' -l force -d 'Replace an existing output (only one lrtool wrote).'

@@ -169,6 +169,7 @@ _lrtool_route() {
     '--base=[centroid, lorahub, --explain\: the base model directory.]:BASE:_files' \
     '--explain=[Print this router'\''s decisions on DATA.jsonl... as JSON lines.]:ROUTER:_files' \
     '--chat-template[centroid, lorahub, --explain\: format prompts with the base'\''s chat template (as train and eval do; give it where they were given it).]' \
+    '--allow-base-mismatch[Route between adapters whose configs name different bases (e.g. one model under two names); their shapes must still agree.]' \
     '--batch-size=[--explain\: examples per forward pass.]:INT: ' \
     '--list[Print the routers as JSON lines (name, summary, parameters) and exit.]' \
     '--force[Replace an existing output (only one lrtool wrote).]' \

@@ -1554,6 +1554,14 @@ def route_command(
             "eval do; give it where they were given it).",
         ),
     ] = False,
+    allow_base_mismatch: Annotated[
+        bool,
+        _opt(
+            "--allow-base-mismatch",
+            help="Route between adapters whose configs name different bases (e.g. one model under two "
+            "names); their shapes must still agree.",
+        ),
+    ] = False,
     batch_size: Annotated[
         int, _opt("--batch-size", min=1, help="--explain: examples per forward pass.")
     ] = 64,
@@ -1614,7 +1622,15 @@ def route_command(
     files = [item.partition("=")[2] or item for item in examples or []]
     inputs = [*args, *(general or []), *files, *([base] if base else [])]
     outputs.check_output_free(out, force, inputs, directory=True)
-    router = build_router(args, method.value, options, general=general, base=base, log=log.info)
+    router = build_router(
+        args,
+        method.value,
+        options,
+        general=general,
+        base=base,
+        log=log.info,
+        allow_base_mismatch=allow_base_mismatch,
+    )
     existing = [path for path in inputs if Path(path).exists()]
     manifest = io.Manifest(["lrtool", *SESSION.argv], seed, existing, {"method": method.value})
     with outputs.atomic_output_dir(out, force, inputs=inputs, manifest=manifest) as tmp:

@@ -587,3 +587,23 @@ def test_route_list_prints_every_router_with_its_parameters(cli):
     assert {p["name"] for p in by_name["centroid"]["parameters"]} >= {"examples", "layer", "chat_template"}
     code, out, err = cli("route", "--list", "--method", "arrow")
     assert (code, out) == (2, "") and "--list takes no" in err
+
+
+def test_adapters_declaring_different_bases_route_only_when_allowed(cli, env, tmp_path):
+    """Two adapters of the same shapes whose configs name different bases: refused with the way out named,
+    routed with --allow-base-mismatch (shapes are still checked, as the shape-mismatch row above shows)."""
+    paths = []
+    for name, declared in (("a1", "org/model"), ("a2", "elsewhere/model")):
+        copy = tmp_path / name
+        shutil.copytree(env.adapters["a1"], copy)
+        config = json.loads((copy / "adapter_config.json").read_text())
+        (copy / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": declared}))
+        paths.append(str(copy))
+    code, out, err = cli("route", *paths, "--method", "uniform", "-o", str(tmp_path / "r"))
+    assert code != 0 and out == "" and "different bases" in err and "--allow-base-mismatch" in err
+    assert not (tmp_path / "r").exists()
+    code, out, err = cli(
+        "route", *paths, "--method", "uniform", "--allow-base-mismatch", "-o", str(tmp_path / "r")
+    )
+    assert code == 0, err
+    assert (tmp_path / "r" / "router.json").is_file()

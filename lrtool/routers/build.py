@@ -23,6 +23,7 @@ def build_router(
     general: list[str] | None = None,
     base: str | None = None,
     log: Callable[[str], None] = lambda message: None,
+    allow_base_mismatch: bool = False,
 ) -> Router:
     """The router `method_name` over the adapters at `paths` (see each router's module for what it builds)."""
     method = get(method_name)
@@ -34,7 +35,7 @@ def build_router(
     refs = adapter_refs(paths)
     adapters = _load([ref.path for ref in refs])
     general_adapters = _load(general or [])
-    _check_together([*adapters, *general_adapters])
+    _check_together([*adapters, *general_adapters], allow_base_mismatch)
     inputs = BuildInputs(adapters, refs, options, general=general_adapters, base=base, log=log)
     parameters, tensors = method.build(inputs)
     return Router(method.name, refs, parameters, tensors, general=adapter_refs(general or []))
@@ -49,14 +50,15 @@ def _load(paths: list[str]) -> list[Adapter]:
     return adapters
 
 
-def _check_together(adapters: list[Adapter]) -> None:
-    """Adapters one router can route between: one base, one shape per module."""
+def _check_together(adapters: list[Adapter], allow_base_mismatch: bool = False) -> None:
+    """Adapters one router can route between: one declared base (unless allowed otherwise), one shape per
+    module (always)."""
     declared = [(a.base, a.source) for a in adapters if a.base]
     for base, source in declared[1:]:
-        if not same_base(base, declared[0][0]):
+        if not allow_base_mismatch and not same_base(base, declared[0][0]):
             raise IncompatibleError(
                 f"adapters for different bases: {declared[0][1]} is for '{declared[0][0]}' but {source} is "
-                f"for '{base}'"
+                f"for '{base}'; if these name one model, pass --allow-base-mismatch"
             )
     shapes: dict[str, tuple[tuple[int, int], str]] = {}
     for adapter in adapters:
