@@ -6,7 +6,7 @@ from the given texts instead, with no download. Writes nothing: `train --full` s
 
 `ModelFiles`, the one reader of a model directory's safetensors without loading the model (merge
 --into-base and diagnose --base), and `DTYPES`, the one table of safetensors' dtype codes, live in
-model_files.py and are importable from here too.
+model_files.py.
 
 The tiny tokenizer is a Unigram model over whole words of the given texts (one token per word, as in the
 pilot of ../shared/EXPERIMENT.md), single characters, and byte fallback: any text encodes losslessly, and a
@@ -21,16 +21,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lrtool.errors import InputError, UsageError
-from lrtool.model_files import (  # noqa: F401 (importable from here: merge, diagnose, adapters use them)
-    DIFFUSERS_COMPONENTS,
-    DTYPES,
-    FLOATING,
-    PICKLE_SUFFIXES,
-    ModelFiles,
-    StoredTensor,
-    dtype_name,
-    item_size,
-)
 
 # Llama shapes. `tiny` trains on a 2-core CPU in about a minute (the pilot's 2.8M parameters); `micro` is
 # for tests; the larger ones are for a GPU.

@@ -1,4 +1,4 @@
-"""lrtool.models.ModelFiles, the one reader of a model directory's safetensors: one rule for which files hold
+"""model_files.ModelFiles, the one reader of a model directory's safetensors: one rule for which files hold
 the weights, shared by merge --into-base and diagnose --base; headers read without tensors; one tensor at a
 time, bit for bit."""
 
@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from lrtool.diagnose.base_check import BaseWeights
 from lrtool.errors import InputError, UnsupportedFeatureError
 from lrtool.merge.into_base import open_base
-from lrtool.models import DTYPES, ModelFiles
+from lrtool.model_files import DTYPES, ModelFiles
 
 torch.set_num_threads(1)
 

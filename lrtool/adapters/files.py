@@ -37,7 +37,7 @@ from lrtool.adapters.grammar import (
 )
 from lrtool.adapters.survey import Problem, Survey
 from lrtool.errors import one_line
-from lrtool.models import dtype_name
+from lrtool.model_files import dtype_name
 
 
 def survey(path: str | Path) -> Survey:

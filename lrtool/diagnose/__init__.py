@@ -4,7 +4,7 @@ and will several of them interfere when merged. `diagnose(paths, base)` returns 
 
     findings.py   the finding codes, their severities and thresholds (the table the help lists)
     reading.py    read adapters (PEFT, kohya, diffusers) without refusing anything: findings
-    base_check.py an adapter against its --base (read through lrtool.models.ModelFiles): shapes, norms
+    base_check.py an adapter against its --base (read through lrtool.model_files.ModelFiles): shapes, norms
     figures.py    spectra and pairwise figures from the factors, never a whole dense dW (but in blocks)
     report.py     the report: every input, every module, every pair
     render.py     for people: the rows of --table and the picture of --plot

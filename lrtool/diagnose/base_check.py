@@ -1,6 +1,6 @@
 """diagnose --base: an adapter against the model it is for.
 
-Reads the base directory's safetensors through lrtool.models.ModelFiles, the reader merge --into-base uses
+Reads the base directory's safetensors through model_files.ModelFiles, the reader merge --into-base uses
 (the same rule for which files hold the weights): the weights' shapes from the headers, and a weight's
 values only when its norm is asked for. Writes nothing. Also here: the renaming of kohya's mangled module
 names to the base's module paths (or the other adapters'), and the findings missing-in-base and
@@ -17,7 +17,7 @@ import torch
 from lrtool.adapters import Adapter, LoraModule, match_module_names
 from lrtool.diagnose.reading import AdapterInput
 from lrtool.errors import IncompatibleError, InputError
-from lrtool.models import FLOATING, ModelFiles
+from lrtool.model_files import FLOATING, ModelFiles
 
 
 class BaseWeights:

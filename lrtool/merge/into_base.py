@@ -1,6 +1,6 @@
 """--into-base: add a merge's exact update to the weights of a Hugging Face model directory.
 
-Reads the base's safetensors through lrtool.models.ModelFiles (its one rule for which files hold the
+Reads the base's safetensors through lrtool.model_files.ModelFiles (its one rule for which files hold the
 weights: model.safetensors, or the shards a *.safetensors.index.json lists) and writes each file anew, with
 the same name, tensor by tensor: tensors the merge does not touch are copied byte for byte, and each target
 weight `<module>.weight` is read, gets the method's exact update (computed when its turn comes, transposed
@@ -27,7 +27,7 @@ from lrtool.errors import IncompatibleError, InputError, UnsupportedFeatureError
 from lrtool.merge import fused
 from lrtool.merge.base import overflow_message, relative
 from lrtool.merge.plan import MergePlan
-from lrtool.models import FLOATING, ModelFiles, item_size
+from lrtool.model_files import FLOATING, ModelFiles, item_size
 
 # The files of a model directory that are neither weights nor ours, copied as they are.
 COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
@@ -45,7 +45,7 @@ def _copy_bytes(reader, out, size: int, truncated: str) -> None:
 
 
 def open_base(path: str | Path) -> ModelFiles:
-    """The safetensors weights of the --into-base directory (models.ModelFiles: its shard rule)."""
+    """The safetensors weights of the --into-base directory (model_files.ModelFiles: its shard rule)."""
     if not Path(path).is_dir():
         raise InputError(
             f"{Path(path)}: --into-base needs a Hugging Face model directory (config.json, safetensors "

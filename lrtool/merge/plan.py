@@ -49,7 +49,7 @@ from lrtool.merge.base import (
     overflow_message,
     relative,
 )
-from lrtool.models import ModelFiles
+from lrtool.model_files import ModelFiles
 
 
 @dataclass

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lrtool.io import dumps_report, rounded, sha256_path
-from lrtool.models import ModelFiles
+from lrtool.model_files import ModelFiles
 
 REPORT = "merge_report.json"
 DIGITS = 6  # significant digits of the receipt's floats

@@ -1,6 +1,6 @@
 """One merge, top down: load -> plan -> write -> receipt. What `lrtool merge` runs.
 
-Reads the adapters (lrtool.adapters) and, with --into-base, the base's safetensors (lrtool.models.ModelFiles);
+Reads the adapters (lrtool.adapters) and, with --into-base, the base's safetensors (model_files.ModelFiles);
 writes the output directory atomically (lrtool.outputs): an adapter (plan.py) in the inputs' format when they
 share one (peft, kohya, diffusers or mlx; `output_format`), PEFT otherwise, or the base model with the
 update added (into_base.py), merge_report.json (receipt.py) and lrtool.json (the manifest the caller gives,
