@@ -79,11 +79,14 @@ class TokenRouter(Part):
 
     Subclasses (lrtool.routers) decide the adapters and weights; the engine computes only the adapters that
     some token chose. An index of -1 means "no adapter" for that slot. A subclass that combines the chosen
-    adapters otherwise than by summing their weighted outputs overrides `apply` and sets `mixes_outputs`
-    False, so that the kernels' path (which sums outputs) hands its rows to its own `apply`.
+    adapters otherwise than by summing their weighted outputs overrides `apply`; the kernels' path (which sums
+    outputs) then hands its rows to that `apply` (`mixes_outputs`).
     """
 
-    mixes_outputs = True
+    @property
+    def mixes_outputs(self) -> bool:
+        """Whether this router sums its chosen adapters' weighted outputs: it keeps TokenRouter's apply."""
+        return type(self).apply is TokenRouter.apply
 
     def weights(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

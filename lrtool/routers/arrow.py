@@ -113,8 +113,6 @@ class ArrowFactorsRouter(ArrowRouter):
     """`mix factors`: per token, (sum_j w_j scale_j B_j) (sum_j w_j A_j) x over the chosen adapters j (ranks
     zero-padded to the largest, as the engine stacks them)."""
 
-    mixes_outputs = False  # the kernels' path sums outputs: these rows go through apply below
-
     def apply(self, engine, module, x, y):
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         indices, weights = self.weights(module, flat_x)
