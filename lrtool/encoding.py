@@ -32,6 +32,17 @@ def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]
     return tokenizer(prompt)["input_ids"]
 
 
+def prompt_ids_within(tokenizer, prompt: str, chat_template: bool, limit: int | None) -> list[int] | None:
+    """prompt_ids, or None when the prompt has `limit` tokens or more. A prompt of more than CHARS_PER_TOKEN x
+    `limit` characters is first judged by that many of its first characters, so a huge one is never
+    tokenized whole (a vocabulary of longer tokens only costs the whole tokenization)."""
+    if limit is not None and len(prompt) > CHARS_PER_TOKEN * limit:
+        if len(prompt_ids(tokenizer, prompt[: CHARS_PER_TOKEN * limit], chat_template)) >= limit:
+            return None
+    ids = prompt_ids(tokenizer, prompt, chat_template)
+    return None if limit is not None and len(ids) >= limit else ids
+
+
 def answer_ids(tokenizer, prompt: str, answer: str, chat_template: bool = False) -> list[int]:
     """The tokens a model must produce after the prompt's tokens: separator and answer, then EOS."""
     return answers_after(

@@ -383,7 +383,7 @@ def test_a_directory_output_cannot_be_stdout(cli, env, tmp_path, monkeypatch, ve
 
 def test_a_huge_prompt_is_cut_to_the_tail_truncation_keeps_before_tokenizing(env, monkeypatch):
     import lrtool.train.setup as training  # where encode_line looks up encode_example
-    from lrtool.encoding import encode_example
+    from lrtool.encoding import CHARS_PER_TOKEN, encode_example
     from lrtool.models import load_base
 
     _, tokenizer = load_base(str(env.base))
@@ -394,36 +394,49 @@ def test_a_huge_prompt_is_cut_to_the_tail_truncation_keeps_before_tokenizing(env
         training, "encode_example", lambda tok, p, *a, **k: seen.append(p) or encode_example(tok, p, *a, **k)
     )
     ids, labels = training.encode_line(tokenizer, prompt, "Hureim", "x:1", settings, False)
-    assert len(seen[0]) <= training.CHARS_PER_TOKEN * 16
+    assert len(seen[0]) <= CHARS_PER_TOKEN * 16
     full_ids, full_labels = encode_example(tokenizer, prompt, "Hureim")
     assert ids[-16:] == full_ids[-16:] and labels[-16:] == full_labels[-16:]
 
 
-def test_eval_refuses_a_prompt_longer_than_the_model_reads_without_tokenizing_a_huge_one(
+def test_eval_refuses_a_prompt_the_model_cannot_read_without_tokenizing_a_huge_one(
     cli, env, tmp_path, monkeypatch
 ):
-    """The tiny base reads 256 positions: a 300-word prompt is refused by its tokens, a 10 MB one by its
-    characters before any tokenizer sees it; both name FILE:LINE and write nothing."""
+    """The tiny base reads 256 positions. A 300-word prompt, and a 10 MB one judged by its first 32 x 256
+    characters, are refused; a 250-word one (252 tokens) fits only with room for its answer: not with the
+    default --max-new-tokens (the answer's 3 tokens + 16), but with 4. Each
+    refusal names FILE:LINE and writes nothing."""
     import lrtool.encoding as encoding
 
     tokenized = []
     real_prompt_ids = encoding.prompt_ids
-    monkeypatch.setattr(
-        encoding, "prompt_ids", lambda tok, p, *a: tokenized.append(len(p)) or real_prompt_ids(tok, p, *a)
-    )
-    for words, needle in ((300, "tokens"), (2_000_000, "characters")):
+
+    def counting(tokenizer, prompt, *args):
+        tokenized.append(len(prompt))
+        return real_prompt_ids(tokenizer, prompt, *args)
+
+    monkeypatch.setattr(encoding, "prompt_ids", counting)
+    for words, flags, needle in (
+        (300, [], "the prompt has 256 tokens or more"),
+        (2_000_000, [], "the prompt has 256 tokens or more"),
+        (250, [], "the prompt's 252 tokens and the 19 its answer may take exceed the 256 positions"),
+        (250, ["--max-new-tokens", "4"], None),
+    ):
         data = tmp_path / f"long{words}.jsonl"
         lines = [
             {"prompt": "Who is Brehur's mentor?", "answer": "x"},
             {"prompt": "mentor " * words, "answer": "x"},
         ]
         data.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        report = tmp_path / f"r{words}.json"
-        code, out, err = cli("eval", str(data), "--base", str(env.base), "-o", str(report))
+        report = tmp_path / f"r{words}{len(flags)}.json"
+        code, out, err = cli("eval", str(data), "--base", str(env.base), *flags, "-o", str(report))
+        if needle is None:
+            assert code == 0 and report.exists(), err
+            continue
         assert (code, out) == (1, "") and one_error_line(err), err
-        assert f"{data}:2: the prompt is" in err and needle in err and "256 positions" in err
+        assert f"{data}:2: {needle}" in err, err
         assert not report.exists()
-    assert max(tokenized) < 32 * 256  # the huge prompt never reached the tokenizer
+    assert max(tokenized) <= encoding.CHARS_PER_TOKEN * 256  # the huge prompt never reached it whole
 
 
 def test_an_answer_too_long_for_max_length_is_refused_with_file_and_line(cli, env, tmp_path):

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrtool import io
-from lrtool.encoding import CHARS_PER_TOKEN
 from lrtool.errors import InputError, UsageError
 
 DEFAULT_GROUPS = (2, 20)  # a meta key is a default breakdown when it has this many distinct values
@@ -58,21 +57,19 @@ def read_datasets(paths: list[str], limit: int | None = None) -> list[Dataset]:
     return datasets
 
 
-def check_fits(dataset: Dataset, example: Example, positions: int | None, tokens: int | None = None) -> None:
-    """Refuse, naming FILE:LINE, a prompt longer than the `positions` the model reads: by its characters
-    before it is tokenized (a huge line is never tokenized), then by its `tokens`. `positions` None: the
-    model states no limit."""
-    if positions is None:
-        return
-    if tokens is None and len(example.prompt) > CHARS_PER_TOKEN * positions:
-        size = f"{len(example.prompt)} characters"
-    elif tokens is not None and tokens >= positions:
-        size = f"{tokens} tokens"
-    else:
-        return
-    raise InputError(
-        f"{dataset.path}:{example.line}: the prompt is {size}, more than the {positions} positions the "
-        "model reads; shorten it"
+def prompt_too_long(
+    dataset: Dataset, example: Example, positions: int, tokens: int | None = None, room: int = 0
+) -> InputError:
+    """The error, naming FILE:LINE, for a prompt the model cannot read: `positions` tokens or more
+    (`tokens` None), or `tokens` that leave less than the `room` the answer may take."""
+    where = f"{dataset.path}:{example.line}"
+    if tokens is None:
+        return InputError(
+            f"{where}: the prompt has {positions} tokens or more, all the model reads; shorten it"
+        )
+    return InputError(
+        f"{where}: the prompt's {tokens} tokens and the {room} its answer may take exceed the {positions} "
+        "positions the model reads; shorten it, or lower --max-new-tokens"
     )
 
 

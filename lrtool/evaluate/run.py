@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrtool.errors import UsageError
-from lrtool.evaluate.datasets import Dataset, candidate_pools, candidates_for, check_fits, task_of
+from lrtool.evaluate.datasets import Dataset, candidate_pools, candidates_for, prompt_too_long, task_of
 from lrtool.evaluate.systems import SystemSpec
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _load(base: str, specs: list[SystemSpec], settings: RunSettings, device, dty
     from lrtool.engine import AdapterEngine, OneAdapter
     from lrtool.models import module_names
     from lrtool.routers.base import RoutingContext
-    from lrtool.routers.build import load_for_eval
+    from lrtool.routers.build import load_for_eval, prompt_format_mismatch
 
     model, tokenizer = _model(base, settings, dtype, device)
     names = module_names(model)
@@ -142,7 +142,9 @@ def _load(base: str, specs: list[SystemSpec], settings: RunSettings, device, dty
             )
         elif spec.kind == "router":
             router, held, make_routing = load_for_eval(spec.path)
-            _check_router_prompts(router, spec.path, settings.chat_template)
+            mismatch = prompt_format_mismatch(router, settings.chat_template)
+            if mismatch:
+                log.warning("router %s: %s", spec.path, mismatch)
             slots = list(range(len(adapters), len(adapters) + len(held)))
             adapters.extend(match_module_names(adapter, names) for adapter in held)
             routers.append((index, slots, make_routing))
@@ -174,23 +176,6 @@ def _load(base: str, specs: list[SystemSpec], settings: RunSettings, device, dty
         shared = [(index, routings.get(index, part)) for index, part in shared]
         runs.insert(0, Loaded(model, tokenizer, engine, shared))
     return runs, described
-
-
-def _check_router_prompts(router, path: str, chat_template: bool) -> None:
-    """Warn when a router built from prompts (centroid, lorahub) saw them formatted unlike eval does."""
-    from lrtool.routers import get
-
-    if not any(p.name == "chat_template" for p in get(router.method).parameters):
-        return
-    built = bool(router.parameters.get("chat_template", False))
-    if built != chat_template:
-        log.warning(
-            "router %s was built %s --chat-template but eval runs %s it: it saw its examples' prompts "
-            "formatted otherwise than the ones it routes now",
-            path,
-            "with" if built else "without",
-            "with" if chat_template else "without",
-        )
 
 
 def _model(path: str, settings: RunSettings, dtype, device):
@@ -245,7 +230,7 @@ class _Job:
     """Everything one loaded model scores: its systems x every example."""
 
     def __init__(self, loaded: Loaded, datasets: list[Dataset], pools: dict, settings: RunSettings):
-        from lrtool.encoding import answers_after, prompt_ids
+        from lrtool.encoding import answers_after, prompt_ids_within
 
         self.loaded, self.settings = loaded, settings
         tokenizer, chat = loaded.tokenizer, settings.chat_template
@@ -253,9 +238,9 @@ class _Job:
         longest, positions = 0, getattr(loaded.model.config, "max_position_embeddings", None)
         for d, dataset in enumerate(datasets):
             for e, example in enumerate(dataset.examples):
-                check_fits(dataset, example, positions)
-                head = prompt_ids(tokenizer, example.prompt, chat)
-                check_fits(dataset, example, positions, len(head))
+                head = prompt_ids_within(tokenizer, example.prompt, chat, positions)
+                if head is None:
+                    raise prompt_too_long(dataset, example, positions)
                 texts = [example.answer]
                 if settings.loglik:
                     pool = pools[(dataset.name, task_of(example))]
@@ -267,6 +252,13 @@ class _Job:
         self.max_new_tokens = (
             settings.max_new_tokens if settings.max_new_tokens is not None else longest + EXTRA_NEW_TOKENS
         )
+        for item in self.examples if positions is not None else []:  # room for what follows the prompt
+            room = max(self.max_new_tokens if settings.exact else 0, *(len(c) + 1 for c in item.candidates))
+            if len(item.prompt) + room > positions:
+                dataset = datasets[item.dataset]
+                raise prompt_too_long(
+                    dataset, dataset.examples[item.example], positions, len(item.prompt), room
+                )
         self.rows = [(s, i) for s, _ in loaded.systems for i in range(len(self.examples))]
         self.long_rows = [  # (system, example, candidate) scored by a teacher-forced pass of their own
             (s, i, c)

@@ -72,6 +72,20 @@ def _check_together(adapters: list[Adapter], allow_base_mismatch: bool = False) 
                 )
 
 
+def prompt_format_mismatch(router: Router, chat_template: bool) -> str | None:
+    """Why a router built from prompts (centroid, lorahub) would route prompts formatted unlike its
+    examples: its --chat-template differs from the one it is applied with; None when they agree."""
+    if not any(p.name == "chat_template" for p in get(router.method).parameters):
+        return None
+    built = bool(router.parameters.get("chat_template", False))
+    if built == chat_template:
+        return None
+    return (
+        f"the router was built {'with' if built else 'without'} --chat-template and is applied "
+        f"{'with' if chat_template else 'without'} it: it saw its examples' prompts formatted otherwise"
+    )
+
+
 def load_for_eval(
     directory: str,
 ) -> tuple[Router, list[Adapter], Callable[[list[int], RoutingContext], object]]:

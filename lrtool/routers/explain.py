@@ -9,6 +9,7 @@ Writes nothing itself (the CLI prints the lines). One forward pass of the prompt
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ import torch
 from lrtool.engine import AdapterEngine, Plan, TokenRouter
 from lrtool.routers.base import RoutingContext, RowMixture
 
+log = logging.getLogger(__name__)
 LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # a module's block: the path up to its first index
 
 
@@ -24,15 +26,19 @@ def explain(
     directory: str, data: list[str], base: str, batch_size: int = 64, chat_template: bool = False
 ) -> Iterator[dict]:
     from lrtool.adapters import match_module_names
-    from lrtool.encoding import check_chat_template, prompt_ids
-    from lrtool.evaluate.datasets import read_datasets
+    from lrtool.encoding import check_chat_template, prompt_ids_within
+    from lrtool.evaluate.datasets import prompt_too_long, read_datasets
     from lrtool.models import load_base, module_names
-    from lrtool.routers.build import load_for_eval
+    from lrtool.routers.build import load_for_eval, prompt_format_mismatch
 
     datasets = read_datasets(data)
     router, held, make_routing = load_for_eval(directory)
+    mismatch = prompt_format_mismatch(router, chat_template)
+    if mismatch:
+        log.warning("router %s: %s", directory, mismatch)
     model, tokenizer = load_base(base)
     check_chat_template(tokenizer, chat_template, base)
+    positions = getattr(model.config, "max_position_embeddings", None)
     model.eval()
     names = module_names(model)
     engine = AdapterEngine(model, [match_module_names(adapter, names) for adapter in held])
@@ -40,10 +46,12 @@ def explain(
     labels = router.names if len(held) == len(router.names) else [f"{router.method}"]
     weights_of = router.tensors.get("weights")
     for dataset in datasets:
-        items = [
-            _Example(prompt_ids(tokenizer, example.prompt, chat_template), example.meta, example.line)
-            for example in dataset.examples
-        ]
+        items = []
+        for example in dataset.examples:
+            ids = prompt_ids_within(tokenizer, example.prompt, chat_template, positions)
+            if ids is None:
+                raise prompt_too_long(dataset, example, positions)
+            items.append(_Example(ids, example.meta, example.line))
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             with torch.inference_mode():  # a per-example router runs the base on the prompts

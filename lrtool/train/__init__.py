@@ -24,10 +24,9 @@ from lrtool.train.checkpoint import checkpoint_dir, recover_checkpoint, remove_c
 from lrtool.train.loop import TrainResult, run_steps
 from lrtool.train.output import SEEN_TOKENS, write_output
 from lrtool.train.settings import DTYPES, INIT_CHOICES, LOSSES, MAX_SEED, SCHEDULES, TrainSettings
-from lrtool.train.setup import CHARS_PER_TOKEN, Distributed, encode_line, pick_device, prepare
+from lrtool.train.setup import Distributed, encode_line, pick_device, prepare
 
 __all__ = [
-    "CHARS_PER_TOKEN",
     "DTYPES",
     "INIT_CHOICES",
     "LOSSES",

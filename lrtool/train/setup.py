@@ -136,12 +136,10 @@ def read_examples(paths: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
     return examples, origins
 
 
-# A prompt of more than CHARS_PER_TOKEN x max_length characters is cut to its tail before tokenizing (what
-# truncation keeps anyway), so a huge line costs no more than a long one; an answer that long cannot fit.
-
-
 def encode_line(tokenizer, prompt: str, answer: str, where: str, s: TrainSettings, loss_on_prompt: bool):
-    """encode_example of one line, with a huge prompt first cut to the tail truncation would keep."""
+    """encode_example of one line. A prompt of more than CHARS_PER_TOKEN x max_length characters is first cut
+    to its tail (what truncation keeps anyway), so a huge line costs no more than a long one; an answer that
+    long cannot fit and is refused."""
     limit = CHARS_PER_TOKEN * s.max_length
     if len(answer) > limit:
         raise UsageError(
