@@ -1581,14 +1581,18 @@ def route_command(
     from lrtool import routers
 
     if list_routers:
-        if args or out or method or explain_router:
-            raise UsageError("--list takes no adapters, -o, --method or --explain")
+        if args or out or method or explain_router or chat_template or allow_base_mismatch:
+            raise UsageError(
+                "--list takes no adapters, -o, --method, --explain, --chat-template or --allow-base-mismatch"
+            )
         with outputs.atomic_output_file(io.STDIO) as handle:
             io.write_jsonl(routers.describe_routers(), handle)
         return
     if explain_router is not None:
         if not args or base is None:
             raise UsageError("--explain ROUTER needs the datasets (DATA.jsonl...) and --base BASE")
+        if allow_base_mismatch:
+            raise UsageError("--allow-base-mismatch applies when a router is built, not to --explain")
         from lrtool.routers.explain import explain
 
         with outputs.atomic_output_file(
