@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
 
-# The paper's two-hop experiment (examples/two-hop/Makefile): SEEDS, SIZE, BASE, OUT pass through.
+# The paper's two-hop experiment (examples/two-hop/Makefile): its variables (SEEDS, SIZE, BASE, CHAT, DIST,
+# UNTIL...) pass through; DEMO is the output directory.
 demo: $(STAMP)
 	$(MAKE) -C examples/two-hop -j$(JOBS) LRTOOL=$(abspath $(LRTOOL)) OUT=$(abspath $(DEMO))
 

@@ -4,8 +4,9 @@ Reads an eval report whose systems follow the demo's names (base; experts hop1, 
 factor-avg, sum, ties and the library's lib-factor-avg, lib-sum; routers arrow, uniform, lib-arrow, oracle;
 controls multitask, rows) and datasets (twohop by familiarity, twohop.eval, hop1 and hop2 by in_pretrain,
 pretrain); returns the compact table (`table_rows`), each claim's verdict with its numbers (`check`) and
-summary.md's text (`summary`). A claim whose systems are missing is "not measured"; "supported" needs the
-95% intervals to separate. Writes nothing: verdicts say what this run measured, whatever it is.
+summary.md's text (`summary`). A claim whose systems are missing is "not measured"; "supported" needs every
+comparison of the claim to hold: 95% intervals that separate, except where a claim orders means (claim 2's
+H >= F, claim 4's "keeps both hops"). Writes nothing: verdicts say what this run measured, whatever it is.
 """
 
 from __future__ import annotations
