@@ -434,11 +434,29 @@ def base_and_adapters(tmp_path):
     return base_dir, adapters
 
 
+def engine_logits(mode, device, monkeypatch, base_dir, adapters, ids, rows_of):
+    """The logits of `ids` under the engine's plan `rows_of(engine)` (one part per row), with the kernels
+    switched `mode` ("off" or "on"); and the engine, closed."""
+    from helpers import peft_model
+    from lrtool.engine import AdapterEngine, Plan
+
+    if mode == "off":
+        monkeypatch.setenv("LRTOOL_KERNELS", "off")
+    else:
+        use_kernels_on(device, monkeypatch)
+    model = peft_model(base_dir).to(device)
+    engine = AdapterEngine(model, adapters)
+    with torch.no_grad(), engine.routing(Plan.by_row(rows_of(engine))):
+        logits = model(input_ids=ids).logits
+    engine.close()
+    return logits, engine
+
+
 def test_the_engine_gives_the_same_logits_through_the_kernels(device, kernels, monkeypatch, tmp_path):
     """Rows of single adapters, of the base and of a top-2 router in one batch: the kernels' path gives the
     logits of the engine's own (CPU) path."""
-    from helpers import FixedRouter, peft_model, random_ids
-    from lrtool.engine import AdapterEngine, OneAdapter, Plan
+    from helpers import FixedRouter, random_ids
+    from lrtool.engine import OneAdapter
 
     base_dir, adapters = base_and_adapters(tmp_path)
     ids = random_ids(7, 5).to(device)
@@ -449,15 +467,9 @@ def test_the_engine_gives_the_same_logits_through_the_kernels(device, kernels, m
     launches = count_calls(monkeypatch, kernels["lora_apply"], "apply_triton")
     logits = {}
     for mode in ("off", "on"):
-        if mode == "off":
-            monkeypatch.setenv("LRTOOL_KERNELS", "off")
-        else:
-            use_kernels_on(device, monkeypatch)
-        model = peft_model(base_dir).to(device)
-        engine = AdapterEngine(model, adapters)
-        with torch.no_grad(), engine.routing(Plan.by_row(rows)):
-            logits[mode] = model(input_ids=ids).logits
-        engine.close()
+        logits[mode], engine = engine_logits(
+            mode, device, monkeypatch, base_dir, adapters, ids, lambda engine: rows
+        )
     modules = len(engine.stacks)
     assert len(launches) == 2 * modules  # per module: one for the single adapters' rows, one for the router's
     torch.testing.assert_close(logits["on"], logits["off"], rtol=1e-5, atol=1e-5)
@@ -469,30 +481,31 @@ def test_a_router_mixing_factors_keeps_its_definition_on_the_kernels_path(
 ):
     """Arrow's `mix factors` ((sum w B)(sum w A) x) is not a sum of outputs: the kernels' path must hand its
     rows to the router itself, not to lora_apply's weighted top-k (which would compute `mix outputs`)."""
-    from helpers import peft_model, random_ids
-    from lrtool.engine import AdapterEngine, OneAdapter, Plan
+    from helpers import random_ids
+    from lrtool.engine import OneAdapter
     from lrtool.routers.arrow import ArrowFactorsRouter, ArrowRouter
 
     base_dir, adapters = base_and_adapters(tmp_path)
     ids = random_ids(3, 5).to(device)
-    logits = {}
-    for kind in (ArrowFactorsRouter, ArrowRouter):
-        for mode in ("off", "on"):
-            if mode == "off":
-                monkeypatch.setenv("LRTOOL_KERNELS", "off")
-            else:
-                use_kernels_on(device, monkeypatch)
-            model = peft_model(base_dir).to(device)
-            engine = AdapterEngine(model, adapters)
+
+    def rows_of(kind):
+        def rows(engine):
             g = generator(5)
             prototypes = {
                 name: torch.randn(len(adapters), A.shape[1], generator=g).to(device)
                 for name, (A, _) in engine.stacks.items()
             }
             router = kind(prototypes, torch.arange(len(adapters)), 2, 1.0)
-            with torch.no_grad(), engine.routing(Plan.by_row([OneAdapter(1), router, router])):
-                logits[kind.__name__, mode] = model(input_ids=ids).logits
-            engine.close()
+            return [OneAdapter(1), router, router]
+
+        return rows
+
+    logits = {}
+    for kind in (ArrowFactorsRouter, ArrowRouter):
+        for mode in ("off", "on"):
+            logits[kind.__name__, mode], _ = engine_logits(
+                mode, device, monkeypatch, base_dir, adapters, ids, rows_of(kind)
+            )
     for kind in ("ArrowFactorsRouter", "ArrowRouter"):
         torch.testing.assert_close(logits[kind, "on"], logits[kind, "off"], rtol=1e-4, atol=1e-4)
     # the two mixes differ far beyond that tolerance, so the check above tells them apart
