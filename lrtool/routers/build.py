@@ -13,7 +13,14 @@ from collections.abc import Callable
 from lrtool.adapters import Adapter, check_computable, load_adapter, match_module_names, same_base
 from lrtool.errors import IncompatibleError, UsageError
 from lrtool.routers import get
-from lrtool.routers.base import BuildInputs, Router, RoutingContext, adapter_refs, check_options
+from lrtool.routers.base import (
+    CHAT_TEMPLATE,
+    BuildInputs,
+    Router,
+    RoutingContext,
+    adapter_refs,
+    check_options,
+)
 
 
 def build_router(
@@ -75,7 +82,7 @@ def _check_together(adapters: list[Adapter], allow_base_mismatch: bool = False) 
 def prompt_format_mismatch(router: Router, chat_template: bool) -> str | None:
     """Why a router built from prompts (centroid, lorahub) would route prompts formatted unlike its
     examples: its --chat-template differs from the one it is applied with; None when they agree."""
-    if not any(p.name == "chat_template" for p in get(router.method).parameters):
+    if CHAT_TEMPLATE not in get(router.method).parameters:
         return None
     built = bool(router.parameters.get("chat_template", False))
     if built == chat_template:

@@ -99,7 +99,7 @@ def build(inputs: BuildInputs) -> tuple[dict, dict[str, torch.Tensor]]:
 def _objective(adapters: list[Adapter], examples: str, base: str, chat_template: bool = False):
     """w -> mean cross-entropy per answer token (EOS included) of the examples under the combined adapter."""
     from lrtool.decoding import continuation_logliks
-    from lrtool.encoding import answer_ids, check_chat_template, prompt_ids
+    from lrtool.encoding import answers_after, check_chat_template, prompt_ids
     from lrtool.engine import AdapterEngine, Plan
     from lrtool.io import read_jsonl
     from lrtool.models import load_base
@@ -110,7 +110,7 @@ def _objective(adapters: list[Adapter], examples: str, base: str, chat_template:
     rows = []
     for obj in read_jsonl(examples):
         head = prompt_ids(tokenizer, obj["prompt"], chat_template)
-        rows.append((head, answer_ids(tokenizer, obj["prompt"], obj["answer"], chat_template)))
+        rows.append((head, answers_after(tokenizer, head, obj["prompt"], [obj["answer"]], chat_template)[0]))
     if not rows:
         raise InputError(f"{examples}: no examples")
     tokens = sum(len(answer) for _, answer in rows)
